@@ -1,0 +1,134 @@
+"""Building blocks shared by the VAE and the UNet (NHWC throughout).
+
+Submodule names mirror the attribute names of diffusers' PyTorch modules, with list indices joined by "_"
+(``to_out.0`` -> ``to_out_0``), so that weight conversion in :mod:`sdjax.weights` is a mechanical renaming.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype
+
+
+def attention_implementation(dtype: Dtype) -> str | None:
+    """Which ``jax.nn.dot_product_attention`` kernel to ask for.
+
+    cuDNN's fused (flash) attention runs only on GPU and only in 16-bit; everywhere else XLA's
+    implementation is used (``None`` lets JAX pick it).
+    """
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return None
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = False, is_causal: bool = False
+) -> jax.Array:
+    """Multi-head attention on (B, T, N, H) tensors; returns (B, Tq, N, H) in q's dtype.
+
+    ``upcast`` computes the softmax(q k^T) v in float32 (SD 2.x ``upcast_attention``), as diffusers does.
+    """
+    out_dtype = q.dtype
+    if upcast:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=attention_implementation(q.dtype))
+    return out.astype(out_dtype)
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention``: q/k/v projections, multi-head attention, output projection.
+
+    Input (B, T, C) and optional context (B, S, Cc) -> (B, T, out_dim or C). ``group_norm`` and residual are
+    handled here only when ``norm_num_groups`` is set (the VAE's spatial self-attention, fed (B, H, W, C)).
+    """
+
+    heads: int
+    dim_head: int
+    qkv_bias: bool = False
+    upcast_attention: bool = False
+    norm_num_groups: int | None = None
+    norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        spatial = x.ndim == 4
+        residual = x
+        if self.norm_num_groups is not None:
+            x = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="group_norm")(x)
+        if spatial:
+            b, h, w, c = x.shape
+            x = x.reshape(b, h * w, c)
+        channels = residual.shape[-1]
+        context = x if context is None else context
+        inner = self.heads * self.dim_head
+
+        def proj(name: str, y: jax.Array) -> jax.Array:
+            y = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
+            return y.reshape(*y.shape[:-1], self.heads, self.dim_head)
+
+        q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
+        out = dot_product_attention(q, k, v, upcast=self.upcast_attention)
+        out = out.reshape(*out.shape[:-2], inner)
+        out = nn.Dense(channels, dtype=self.dtype, name="to_out_0")(out)
+        if spatial:
+            out = out.reshape(residual.shape)
+        if self.norm_num_groups is not None:
+            out = out + residual
+        return out
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ``ResnetBlock2D``: (GroupNorm, SiLU, conv3x3) x 2 with an optional time embedding added
+    between them and a 1x1 conv shortcut when channels change. (B, H, W, Cin) -> (B, H, W, out_channels)."""
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
+        h = nn.swish(h)
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
+        if temb is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.swish(temb))
+            h = h + t[:, None, None, :]
+        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h)
+        h = nn.swish(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv halving H and W. ``pad_right_bottom`` reproduces the VAE encoder's asymmetric
+    (0, 1, 0, 1) padding; otherwise padding is 1 on every side (UNet). (B, H, W, C) -> (B, H/2, W/2, C)."""
+
+    channels: int
+    pad_right_bottom: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        padding = ((0, 1), (0, 1)) if self.pad_right_bottom else ((1, 1), (1, 1))
+        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=padding, dtype=self.dtype, name="conv")(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 upsampling then a 3x3 conv. (B, H, W, C) -> (B, 2H, 2W, C)."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return nn.Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)

@@ -1,0 +1,286 @@
+"""Stable Diffusion weights without PyTorch: diffusers / transformers safetensors <-> flax parameter trees.
+
+The flax modules name their parameters after the PyTorch attribute paths (list indices joined with "_"), so the
+conversion is a renaming plus layout changes: conv kernels OIHW -> HWIO, linear weights (out, in) -> (in, out),
+``weight`` -> ``kernel`` / ``scale`` / ``embedding``. The target structure comes from ``jax.eval_shape`` of the
+module's init (no random init, no allocation), and every missing, unexpected or shape-mismatched key is reported
+in one :class:`WeightsError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+# PyTorch attributes that are nn.ModuleList / nn.Sequential in diffusers and transformers: their numeric index
+# becomes a "_N" suffix in flax and is split off again on export. Other names keep their underscore (linear_1).
+TORCH_LIST_ATTRS = frozenset(
+    {"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers", "upsamplers",
+     "to_out", "layers", "net"}
+)  # fmt: skip
+
+# Where each component class lives, and which library's file conventions it follows.
+COMPONENTS: dict[str, tuple[str, str]] = {
+    "UNet2DConditionModel": ("sdjax.models.unet", "diffusers"),
+    "AutoencoderKL": ("sdjax.models.vae", "diffusers"),
+    "CLIPTextModel": ("sdjax.models.clip", "transformers"),
+}
+WEIGHTS_NAME = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+
+Params = dict[str, Any]
+
+
+class WeightsError(ValueError):
+    """Weight files that are missing, unreadable, or do not fit the model built from config.json."""
+
+
+def _short_list(items: list[str], limit: int = 5) -> str:
+    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# --- files
+
+
+def find_weight_files(folder: str | Path, library: str = "diffusers", variant: str | None = None) -> list[Path]:
+    """The safetensors file(s) of one component folder: ``<name>[.variant].safetensors`` or a sharded
+    ``<name>[.variant].safetensors.index.json``. Without a variant, the plain file wins over ``.fp16``."""
+    folder = Path(folder)
+    stem = WEIGHTS_NAME[library]
+    variants = [variant] if variant else [None, "fp16", "bf16"]
+    for v in variants:
+        name = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / f for f in sorted(set(weight_map.values()))]
+    found = sorted(p.name for p in folder.glob("*") if p.suffix in {".safetensors", ".bin", ".ckpt", ".pt"})
+    hint = " (PyTorch pickles are not read: re-save with safe_serialization=True)" if found else ""
+    raise WeightsError(
+        f"no {stem}[.fp16|.bf16].safetensors (or sharded .index.json) in {folder}; found: "
+        f"{', '.join(found) or 'no weight files'}{hint}"
+    )
+
+
+def read_safetensors(files: Iterable[str | Path]) -> dict[str, np.ndarray]:
+    """All tensors of the given safetensors files as numpy arrays (bfloat16 via ml_dtypes)."""
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        if not Path(file).is_file():
+            raise WeightsError(f"weight file {file} does not exist (listed in the sharded index)")
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for key in f.keys():
+                    state[key] = _get_tensor(f, file, key)
+        except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError-like) when corrupt
+            if isinstance(e, WeightsError):
+                raise
+            raise WeightsError(f"cannot read {file}: {e}") from e
+    return state
+
+
+def _get_tensor(handle: Any, file: str | Path, key: str) -> np.ndarray:
+    if handle.get_slice(key).get_dtype() != "BF16":
+        return handle.get_tensor(key)
+    # numpy has no bfloat16: read the raw bytes through the flax backend once per bf16 tensor.
+    with safe_open(str(file), framework="flax") as f:
+        return np.asarray(f.get_tensor(key))
+
+
+# --- names
+
+
+def torch_key_to_path(key: str) -> tuple[str, ...]:
+    """``down_blocks.0.resnets.1.conv1.weight`` -> ``('down_blocks_0', 'resnets_1', 'conv1', 'weight')``."""
+    path: list[str] = []
+    for part in key.split("."):
+        if part.isdigit() and path:
+            path[-1] = f"{path[-1]}_{part}"
+        else:
+            path.append(part)
+    return tuple(path)
+
+
+def path_to_torch_key(path: tuple[str, ...]) -> str:
+    """Inverse of :func:`torch_key_to_path` for flax paths (leaf kernel/scale/embedding -> weight)."""
+    parts = []
+    for segment in path[:-1]:
+        name, _, index = segment.rpartition("_")
+        parts.append(f"{name}.{index}" if index.isdigit() and name in TORCH_LIST_ATTRS else segment)
+    leaf = path[-1]
+    parts.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
+    return ".".join(parts)
+
+
+def _to_flax_layout(value: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
+    if leaf != "kernel":
+        return value
+    if value.ndim == 4 and target_ndim == 2:  # 1x1 conv stored for a linear layer (original LDM VAE attention)
+        value = value[:, :, 0, 0]
+    if value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    return value.T  # (out, in) -> (in, out)
+
+
+def _to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf != "kernel":
+        return value
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+
+
+# --- conversion
+
+
+def torch_to_flax(
+    state: Mapping[str, np.ndarray],
+    expected: Params,
+    *,
+    renames: Iterable[tuple[str, str]] = (),
+    ignored: Iterable[str] = (),
+    component: str = "model",
+) -> Params:
+    """Converts a PyTorch state dict to a nested flax param dict with the structure of ``expected``.
+
+    Args:
+      state: torch key -> numpy array (PyTorch layouts).
+      expected: nested dict of ``jax.ShapeDtypeStruct`` (from :func:`param_shapes`).
+      renames: (regex, replacement) applied in order to every torch key first (legacy names).
+      ignored: regexes of torch keys that are buffers, not parameters.
+    Returns:
+      Nested dict of numpy arrays, same structure and shapes as ``expected``.
+    Raises:
+      WeightsError: listing every missing, unexpected and shape-mismatched key (the first few of each).
+    """
+    renames, ignored = list(renames), [re.compile(p) for p in ignored]
+    targets = traverse_util.flatten_dict(expected)
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, mismatched, mismatched_paths = [], [], set()
+    for key, value in state.items():
+        if any(p.fullmatch(key) for p in ignored):
+            continue
+        new_key = key
+        for pattern, repl in renames:
+            new_key = re.sub(pattern, repl, new_key)
+        path = torch_key_to_path(new_key)
+        candidates = ("kernel", "scale", "embedding") if path[-1] == "weight" else (path[-1],)
+        target = next((path[:-1] + (c,) for c in candidates if path[:-1] + (c,) in targets), None)
+        if target is None:
+            unexpected.append(key)
+            continue
+        value = _to_flax_layout(np.asarray(value), target[-1], len(targets[target].shape))
+        if value.shape != tuple(targets[target].shape):
+            mismatched.append(f"{key} {tuple(value.shape)} vs model {tuple(targets[target].shape)}")
+            mismatched_paths.add(target)
+            continue
+        out[target] = value
+    missing = [path_to_torch_key(p) for p in targets if p not in out and p not in mismatched_paths]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{len(items)} {kind} ({_short_list(items)})"
+            for kind, items in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
+            if items
+        ]
+        raise WeightsError(f"{component} weights do not fit its config.json: {'; '.join(problems)}")
+    return traverse_util.unflatten_dict(out)
+
+
+def flax_to_torch(params: Params, *, renames: Iterable[tuple[str, str]] = ()) -> dict[str, np.ndarray]:
+    """Nested flax params -> PyTorch-layout state dict (inverse of :func:`torch_to_flax`)."""
+    state = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        key = path_to_torch_key(path)
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        state[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(value), path[-1]))
+    return state
+
+
+# --- components
+
+
+def component_class(class_name: str, where: str = "") -> tuple[type, str]:
+    """The flax module class and library ("diffusers" / "transformers") for a diffusers/transformers class name."""
+    if class_name not in COMPONENTS:
+        raise WeightsError(f"unsupported component class {class_name!r}{where}; supported: {', '.join(COMPONENTS)}")
+    module_name, library = COMPONENTS[class_name]
+    module = __import__(module_name, fromlist=[class_name])
+    return getattr(module, class_name), library
+
+
+def read_component_config(folder: str | Path) -> tuple[str, dict[str, Any]]:
+    """(class name, config dict) from ``folder/config.json`` (diffusers ``_class_name`` or transformers
+    ``architectures``)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{folder} has no config.json; expected a diffusers/transformers component folder")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from e
+    class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    if class_name is None:
+        raise WeightsError(f"{path} names no model class (_class_name or architectures)")
+    return class_name, config
+
+
+def param_shapes(module: Any) -> Params:
+    """Parameter tree of ``module`` as ``jax.ShapeDtypeStruct`` leaves, traced without running init."""
+    return jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"]
+
+
+def build_component(folder: str | Path, dtype: Any = jnp.float32) -> Any:
+    """The flax module described by ``folder/config.json``, computing in ``dtype``."""
+    class_name, config = read_component_config(folder)
+    cls, _ = component_class(class_name, where=f" in {Path(folder) / 'config.json'}")
+    return cls(config=cls.config_class.from_dict(config), dtype=dtype)
+
+
+def load_component(folder: str | Path, dtype: Any = jnp.float32, variant: str | None = None) -> tuple[Any, Params]:
+    """Loads one component folder (config.json + safetensors) written by diffusers or transformers.
+
+    Returns ``(module, params)``: the flax module (compute dtype ``dtype``) and its params cast to ``dtype``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"component folder {folder} does not exist")
+    module = build_component(folder, dtype)
+    _, library = component_class(module.config_class.class_name)
+    state = read_safetensors(find_weight_files(folder, library, variant))
+    params = torch_to_flax(
+        state,
+        param_shapes(module),
+        renames=module.torch_key_renames,
+        ignored=module.torch_ignored_keys,
+        component=f"{module.config_class.class_name} ({folder})",
+    )
+    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+
+
+def save_component(module: Any, params: Params, folder: str | Path, dtype: Any = np.float32) -> None:
+    """Writes ``module`` and ``params`` as a diffusers/transformers component folder (config.json + safetensors)
+    that the PyTorch libraries load."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    class_name = module.config_class.class_name
+    _, library = component_class(class_name)
+    config = module.config.to_dict()
+    if library == "diffusers":
+        config = {"_class_name": class_name, "_diffusers_version": "0.42.1", **config}
+    else:
+        config = {"architectures": [class_name], **config}
+    state = flax_to_torch(params, renames=getattr(module, "torch_export_renames", ()))
+    state = {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in state.items()}
+    save_file(state, str(folder / f"{WEIGHTS_NAME[library]}.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
