@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 # PyTorch attributes that are nn.ModuleList / nn.Sequential in diffusers and transformers: their numeric index
@@ -84,9 +84,7 @@ def read_safetensors(files: Iterable[str | Path]) -> dict[str, np.ndarray]:
             with safe_open(str(file), framework="numpy") as f:
                 for key in f.keys():
                     state[key] = _get_tensor(f, file, key)
-        except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError-like) when corrupt
-            if isinstance(e, WeightsError):
-                raise
+        except (OSError, SafetensorError) as e:
             raise WeightsError(f"cannot read {file}: {e}") from e
     return state
 

@@ -1,0 +1,110 @@
+"""Generate images from text with sdjax.
+
+    python sample.py --prompt "a red circle on a blue background" --out out/
+    python sample.py --model path/to/stable-diffusion-v1-5 --prompt "an astronaut riding a horse" \\
+        --negative-prompt "blurry" --num-images 4 --steps 50 --guidance 7.5 --sampler dpmpp_2m --out out/
+    python sample.py --model DIR --prompt "..." --init-image photo.png --strength 0.6 --out out/
+
+--model takes a diffusers folder or an sdjax training workdir; without it, the model shipped in models/shapes64.
+Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance in its text metadata) and
+grid.png, and prints the compile time and the time per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes64"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from sdjax.samplers import SAMPLERS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser.add_argument("--negative-prompt", action="append", default=None, help="one for all, or one per prompt")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    parser.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_ancestral, dpmpp_2m, heun)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--model", default=None, help=f"diffusers folder or sdjax workdir (default {DEFAULT_MODEL})")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--init-image", default=None, help="image file for image-to-image")
+    parser.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the schedule re-run")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar over the sampling steps")
+    parser.add_argument("--out", required=True, help="output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import sdjax
+    from sdjax.images import image_grid, save_png
+
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    negative = args.negative_prompt
+    if negative is not None and len(negative) == 1:
+        negative = negative[0]
+    try:
+        start = time.perf_counter()
+        pipe = sdjax.StableDiffusion.from_pretrained(model, dtype=jnp.dtype(args.dtype))
+        load_s = time.perf_counter() - start
+        images = pipe.generate(
+            args.prompt,
+            negative_prompts=negative,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            sampler=args.sampler,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            eta=args.eta,
+            num_images_per_prompt=args.num_images,
+            init_image=args.init_image,
+            strength=args.strength,
+            use_karras_sigmas=args.karras or None,
+            progress=args.progress,
+        )
+    except ValueError as e:  # sdjax's own errors are ValueErrors with a message that says what is accepted
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    negatives = negative if isinstance(negative, list) else [negative or ""] * len(args.prompt)
+    for i, image in enumerate(images):
+        p = i // args.num_images
+        metadata = {
+            "prompt": args.prompt[p],
+            "negative_prompt": negatives[p],
+            "seed": args.seed,
+            "image_index": i,
+            "sampler": args.sampler + (" (karras)" if args.karras else ""),
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "model": str(model),
+        }
+        if args.init_image:
+            metadata.update(init_image=args.init_image, strength=args.strength)
+        save_png(image, out / f"{i:04d}.png", metadata)
+    save_png(image_grid(images, cols=args.num_images if len(args.prompt) > 1 else None), out / "grid.png")
+    t = pipe.last_timings
+    print(
+        f"{len(images)} images {images.shape[2]}x{images.shape[1]} -> {out}/ | load {load_s:.1f} s, "
+        f"compile {t['compile_s']:.1f} s, {t['generate_s'] / len(images):.2f} s/image"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Torch-free weight conversion: key mapping, layouts, and the one-error-for-all-problems contract."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from sdjax import weights
+from sdjax.weights import WeightsError
+
+EXPECTED = {
+    "conv_in": {
+        "kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), np.float32),
+        "bias": jax.ShapeDtypeStruct((8,), np.float32),
+    },
+    "down_blocks_0": {
+        "resnets_1": {"norm1": {"scale": jax.ShapeDtypeStruct((8,), np.float32)}},
+        "attentions_0": {"to_out_0": {"kernel": jax.ShapeDtypeStruct((8, 6), np.float32)}},
+    },
+    "time_embedding": {"linear_1": {"kernel": jax.ShapeDtypeStruct((8, 16), np.float32)}},
+    "token_embedding": {"embedding": jax.ShapeDtypeStruct((10, 8), np.float32)},
+}
+
+
+def torch_state(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "conv_in.weight": rng.normal(size=(8, 4, 3, 3)).astype(np.float32),
+        "conv_in.bias": rng.normal(size=(8,)).astype(np.float32),
+        "down_blocks.0.resnets.1.norm1.weight": rng.normal(size=(8,)).astype(np.float32),
+        "down_blocks.0.attentions.0.to_out.0.weight": rng.normal(size=(6, 8)).astype(np.float32),
+        "time_embedding.linear_1.weight": rng.normal(size=(16, 8)).astype(np.float32),
+        "token_embedding.weight": rng.normal(size=(10, 8)).astype(np.float32),
+    }
+
+
+def test_torch_keys_map_to_flax_paths_and_back():
+    for key in torch_state():
+        path = weights.torch_key_to_path(key)
+        leaf = {"weight": "kernel"}.get(path[-1], path[-1])
+        assert weights.path_to_torch_key(path[:-1] + (leaf,)) == key
+    assert weights.torch_key_to_path("down_blocks.0.attentions.0.to_out.0.weight") == (
+        "down_blocks_0",
+        "attentions_0",
+        "to_out_0",
+        "weight",
+    )
+
+
+def test_conversion_transposes_conv_and_linear_and_renames_norm_and_embedding():
+    state = torch_state()
+    params = weights.torch_to_flax(state, EXPECTED)
+    np.testing.assert_array_equal(params["conv_in"]["kernel"], state["conv_in.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        params["time_embedding"]["linear_1"]["kernel"], state["time_embedding.linear_1.weight"].T
+    )
+    np.testing.assert_array_equal(
+        params["down_blocks_0"]["resnets_1"]["norm1"]["scale"], state["down_blocks.0.resnets.1.norm1.weight"]
+    )
+    np.testing.assert_array_equal(params["token_embedding"]["embedding"], state["token_embedding.weight"])
+
+
+def test_export_inverts_import():
+    state = torch_state()
+    back = weights.flax_to_torch(weights.torch_to_flax(state, EXPECTED))
+    assert back.keys() == state.keys()
+    for key in state:
+        np.testing.assert_array_equal(back[key], state[key])
+
+
+def test_one_error_lists_missing_unexpected_and_mismatched_keys():
+    state = torch_state()
+    del state["conv_in.bias"]
+    state["conv_out.weight"] = np.zeros((1,), np.float32)
+    state["time_embedding.linear_1.weight"] = np.zeros((16, 9), np.float32)
+    with pytest.raises(WeightsError) as e:
+        weights.torch_to_flax(state, EXPECTED, component="UNet2DConditionModel")
+    message = str(e.value)
+    assert "\n" not in message
+    assert "1 missing (conv_in.bias)" in message
+    assert "1 unexpected (conv_out.weight)" in message
+    assert "1 shape-mismatched (time_embedding.linear_1.weight (9, 16) vs model (8, 16))" in message
+
+
+def test_error_lists_only_the_first_few_of_many_keys():
+    state = {f"extra.{i}.weight": np.zeros(1, np.float32) for i in range(20)}
+    with pytest.raises(WeightsError, match=r"20 unexpected \(.*\(\+15 more\)\)"):
+        weights.torch_to_flax({**torch_state(), **state}, EXPECTED)
+
+
+def test_ignored_buffers_and_renamed_legacy_keys():
+    state = torch_state()
+    state["position_ids"] = np.arange(3)
+    state["legacy_token_embedding.weight"] = state.pop("token_embedding.weight")
+    params = weights.torch_to_flax(
+        state, EXPECTED, renames=[(r"^legacy_token_embedding", "token_embedding")], ignored=[r"position_ids"]
+    )
+    assert params["token_embedding"]["embedding"].shape == (10, 8)
+
+
+def test_one_by_one_conv_loads_into_linear_kernel():
+    expected = {"to_q": {"kernel": jax.ShapeDtypeStruct((8, 8), np.float32)}}
+    w = np.random.default_rng(1).normal(size=(8, 8, 1, 1)).astype(np.float32)
+    params = weights.torch_to_flax({"to_q.weight": w}, expected)
+    np.testing.assert_array_equal(params["to_q"]["kernel"], w[:, :, 0, 0].T)
+
+
+def test_weight_files_prefer_plain_then_fp16_and_read_shards(tmp_path):
+    save_file({"a": np.ones(2, np.float16)}, str(tmp_path / "diffusion_pytorch_model.fp16.safetensors"))
+    assert weights.find_weight_files(tmp_path) == [tmp_path / "diffusion_pytorch_model.fp16.safetensors"]
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    save_file({"a": np.ones(2, np.float32)}, str(shards / "model-00001-of-00002.safetensors"))
+    save_file({"b": np.zeros(3, np.float32)}, str(shards / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (shards / "model.safetensors.index.json").write_text(json.dumps(index))
+    state = weights.read_safetensors(weights.find_weight_files(shards, "transformers"))
+    assert set(state) == {"a", "b"} and state["b"].shape == (3,)
+
+
+def test_missing_weight_file_names_what_was_found(tmp_path):
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"found: diffusion_pytorch_model.bin.*safe_serialization=True"):
+        weights.find_weight_files(tmp_path)
+
+
+def test_corrupt_weight_file_is_one_clear_error(tmp_path):
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(WeightsError, match="cannot read"):
+        weights.read_safetensors([tmp_path / "diffusion_pytorch_model.safetensors"])
+
+
+def test_bfloat16_tensors_are_read_without_torch(tmp_path):
+    import ml_dtypes
+
+    save_file({"w": np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16)}, str(tmp_path / "x.safetensors"))
+    state = weights.read_safetensors([tmp_path / "x.safetensors"])
+    np.testing.assert_array_equal(state["w"].astype(np.float32), np.arange(4, dtype=np.float32))
+
+
+def test_component_folder_errors(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        weights.load_component(tmp_path / "nope")
+    with pytest.raises(WeightsError, match="no config.json"):
+        weights.load_component(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(
+        WeightsError, match="unsupported component class 'UNet2DModel'.*supported: UNet2DConditionModel"
+    ):
+        weights.load_component(tmp_path)
