@@ -1,0 +1,202 @@
+"""CLIPTextModel: the Stable Diffusion text encoder (Radford et al. 2021, "Learning Transferable Visual Models
+From Natural Language Supervision", Sec. 2.4), numerically matching transformers 5's ``CLIPTextModel``.
+
+A causal pre-LayerNorm transformer over token ids (B, T) -> hidden states (B, T, hidden_size). The module tree
+mirrors transformers 5 (``embeddings``, ``encoder.layers_N``, ``final_layer_norm``); checkpoints written by
+transformers 4 / Stable Diffusion add a ``text_model.`` prefix, stripped on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sdjax.models.config import ModelConfig, UnsupportedConfigError
+from sdjax.models.layers import Dtype, dot_product_attention
+
+ACTIVATIONS = {
+    # OpenAI CLIP's sigmoid approximation of GELU (SD 1.x, openai/clip-vit-large-patch14).
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    # Exact erf GELU (SD 2.x, OpenCLIP ViT-H/14), as torch.nn.functional.gelu.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig(ModelConfig):
+    """transformers ``CLIPTextConfig``; defaults are transformers' so short config.json files load the same.
+
+    ``projection_dim`` and the special token ids are carried for round trips; the text model itself does not use
+    them (SD takes the full sequence of hidden states, not the pooled EOS state).
+    """
+
+    class_name: ClassVar[str] = "CLIPTextModel"
+    # Dropout is a training-time feature; sdjax never trains the text encoder, so only 0.0 is accepted.
+    noop_fields: ClassVar[dict[str, Any]] = {"model_type": "clip_text_model", "attention_dropout": 0.0, "dropout": 0.0}
+    # Bookkeeping and init-only fields: they never change the forward pass.
+    ignored_fields: ClassVar[frozenset[str]] = frozenset(
+        {"architectures", "dtype", "torch_dtype", "transformers_version", "initializer_range", "initializer_factor"}
+    )
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int | None = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int | None = 49407
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise UnsupportedConfigError(
+                f"CLIPTextModel hidden_act={self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"CLIPTextModel hidden_size={self.hidden_size} must be divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+
+
+def _layer_norm(config: CLIPTextConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
+    # Two-pass variance, as torch computes it: E[x^2] - E[x]^2 loses digits on CLIP's large activations.
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token plus learned absolute position embeddings: ids (B, T) int -> (B, T, hidden_size)."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")(input_ids)
+        positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, name="position_embedding")
+        return tokens + positions(jnp.arange(input_ids.shape[-1]))[None]
+
+
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention with biased q/k/v/out projections: (B, T, D) -> (B, T, D)."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        heads, dim = cfg.num_attention_heads, cfg.hidden_size
+
+        def proj(name: str) -> jax.Array:
+            y = nn.Dense(dim, dtype=self.dtype, name=name)(x)
+            return y.reshape(*y.shape[:-1], heads, dim // heads)
+
+        out = dot_product_attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), is_causal=True)
+        return nn.Dense(dim, dtype=self.dtype, name="out_proj")(out.reshape(*out.shape[:-2], dim))
+
+
+class CLIPMLP(nn.Module):
+    """fc1 -> activation -> fc2: (B, T, D) -> (B, T, D)."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        x = ACTIVATIONS[self.config.hidden_act](x)
+        return nn.Dense(self.config.hidden_size, dtype=self.dtype, name="fc2")(x)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)). (B, T, D) -> (B, T, D)."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dtype = self.config, self.dtype
+        x = x + CLIPAttention(cfg, dtype, name="self_attn")(_layer_norm(cfg, dtype, "layer_norm1")(x))
+        return x + CLIPMLP(cfg, dtype, name="mlp")(_layer_norm(cfg, dtype, "layer_norm2")(x))
+
+
+class CLIPEncoder(nn.Module):
+    """The stack of layers: (B, T, D) -> tuple of num_hidden_layers + 1 hidden states (input first)."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        hidden_states = [x]
+        for i in range(self.config.num_hidden_layers):
+            hidden_states.append(CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(hidden_states[-1]))
+        return tuple(hidden_states)
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP text encoder. Usage::
+
+    last_hidden_state = text_encoder.apply({"params": p}, input_ids)             # (B, 77) int32 -> (B, 77, D)
+    last, hidden_states = text_encoder.apply({"params": p}, input_ids, output_hidden_states=True)
+    # clip skip k (diffusers): text_encoder.apply({"params": p}, hidden_states[-(k + 1)],
+    #                                             method=text_encoder.apply_final_layer_norm)
+    """
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    config_class: ClassVar[type] = CLIPTextConfig
+    torch_ignored_keys: ClassVar[tuple[str, ...]] = (r"(text_model\.)?embeddings\.position_ids",)
+    # Stable Diffusion checkpoints (transformers 4 layout) nest everything under text_model.
+    torch_key_renames: ClassVar[tuple[tuple[str, str], ...]] = ((r"^text_model\.", ""),)
+    # Written back with the prefix: transformers 4 needs it and transformers 5 strips it on load.
+    torch_export_renames: ClassVar[tuple[tuple[str, str], ...]] = ((r"^", "text_model."),)
+
+    def setup(self):
+        self.embeddings = CLIPTextEmbeddings(self.config, self.dtype)
+        self.encoder = CLIPEncoder(self.config, self.dtype)
+        self.final_layer_norm = _layer_norm(self.config, self.dtype, "final_layer_norm")
+
+    def __call__(
+        self, input_ids: jax.Array, output_hidden_states: bool = False
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Token ids (B, T) integer, T <= max_position_embeddings -> last_hidden_state (B, T, hidden_size) in the
+        compute dtype, after final_layer_norm. Padding after EOS needs no mask: attention is causal.
+
+        With ``output_hidden_states`` also returns, as transformers, the num_hidden_layers + 1 hidden states
+        (embeddings output, then each layer's output; none of them final-layer-normed).
+        """
+        _check_input_ids(input_ids, self.config.max_position_embeddings)
+        hidden_states = self.encoder(self.embeddings(input_ids))
+        last_hidden_state = self.final_layer_norm(hidden_states[-1])
+        if output_hidden_states:
+            return last_hidden_state, hidden_states
+        return last_hidden_state
+
+    def apply_final_layer_norm(self, hidden_state: jax.Array) -> jax.Array:
+        """final_layer_norm on one of the hidden states (B, T, hidden_size), as diffusers does for clip skip."""
+        return self.final_layer_norm(hidden_state)
+
+    def dummy_inputs(self) -> tuple[jax.Array]:
+        """One token of one sequence, (1, 1) int32: enough to create every parameter."""
+        return (jnp.zeros((1, 1), jnp.int32),)
+
+
+def _check_input_ids(input_ids: jax.Array, max_length: int) -> None:
+    if input_ids.ndim != 2 or input_ids.shape[1] > max_length or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(
+            f"CLIPTextModel input_ids have shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}; expected "
+            f"integer token ids (B, T) with T <= max_position_embeddings={max_length}"
+        )
