@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sdjax import samplers, schedule, tokenizer, weights
+from sdjax import parallel, samplers, schedule, tokenizer, weights
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 # Components a diffusers SD folder may list that sdjax does not use (no safety checker: see README).
@@ -58,24 +58,54 @@ class StableDiffusion:
     # ------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: Any = jnp.float32, variant: str | None = None):
-        """Loads a diffusers Stable Diffusion folder (model_index.json + component folders) or an sdjax training
-        workdir (its latest checkpoint's EMA params). ``dtype`` is the params' and the compute dtype
-        (float32 or bfloat16); the schedule and the sampler state stay float32."""
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: Any = jnp.float32,
+        variant: str | None = None,
+        *,
+        tokenizer_path: str | os.PathLike | None = None,
+        prediction_type: str | None = None,
+    ):
+        """Loads Stable Diffusion from a diffusers folder (model_index.json + component folders), an sdjax training
+        workdir (its latest checkpoint's EMA params) or a single-file LDM ``.safetensors`` checkpoint (which holds
+        no tokenizer: pass ``tokenizer_path``, a folder with a CLIP tokenizer; v-prediction models (SD 2.x 768-v)
+        also need ``prediction_type="v_prediction"``, which the weights do not record).
+
+        ``dtype`` is the params' and the compute dtype (float32 or bfloat16); the schedule and the sampler state
+        stay float32. ``variant`` picks ``*.{variant}.safetensors`` files (e.g. "fp16")."""
         path = Path(path)
         if not path.exists():
-            raise PipelineError(f"model path {path} does not exist; expected a diffusers folder or an sdjax workdir")
+            raise PipelineError(
+                f"model path {path} does not exist; expected a diffusers folder, an sdjax workdir or a .safetensors file"
+            )
+        if path.is_file():
+            return cls._from_single_file(path, dtype, tokenizer_path, prediction_type)
         from sdjax import checkpoint  # imports orbax: only needed for workdirs
 
-        if path.is_dir() and checkpoint.is_workdir(path):
-            pipe = cls._from_folder(path / "model", dtype, variant, trained=checkpoint.load_trained_params(path))
-            return pipe
-        if path.is_file():
-            raise PipelineError(
-                f"{path} is a file; single-file checkpoints are not supported yet: pass a diffusers folder "
-                "(model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/) or an sdjax workdir"
-            )
+        if checkpoint.is_workdir(path):
+            return cls._from_folder(path / "model", dtype, variant, trained=checkpoint.load_trained_params(path))
         return cls._from_folder(path, dtype, variant)
+
+    @classmethod
+    def _from_single_file(cls, path: Path, dtype: Any, tokenizer_path: Any, prediction_type: str | None):
+        from sdjax import single_file
+
+        if path.suffix != ".safetensors":
+            raise PipelineError(f"{path}: single-file checkpoints are read as .safetensors only (got {path.suffix!r})")
+        if tokenizer_path is None:
+            raise PipelineError(
+                f"{path} is a single-file checkpoint, which holds no tokenizer: pass tokenizer_path= a folder "
+                "with a CLIP tokenizer (e.g. the tokenizer/ folder of a diffusers Stable Diffusion)"
+            )
+        modules, params, scheduler_config = single_file.load_single_file(path, dtype, prediction_type)
+        return cls(
+            **modules,
+            params=params,
+            tokenizer=tokenizer.load_tokenizer(tokenizer_path),
+            schedule=schedule.ScheduleConfig.from_dict(scheduler_config),
+            scheduler_class=scheduler_config.get("_class_name", "PNDMScheduler"),
+        )
 
     @classmethod
     def _from_folder(cls, path: Path, dtype: Any, variant: str | None, trained: dict[str, Any] | None = None):
@@ -245,7 +275,7 @@ class StableDiffusion:
         if key not in self._replicated:  # replicate once per device set, reuse across generate() calls
             self._replicated.clear()
             wanted = {"unet": self.params["unet"], "vae": self.params["vae"]}
-            self._replicated[key] = jax.device_put_replicated(wanted, devices)
+            self._replicated[key] = parallel.replicate(wanted, devices)
         return self._replicated[key]
 
 

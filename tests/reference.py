@@ -82,7 +82,7 @@ def tiny_pipeline(folder: Path, *, sd2: bool = False, prediction_type: str = "ep
     )
     for i, model in enumerate((text_encoder, unet, vae)):
         perturb_(model, seed=i)
-    scheduler = DDIMScheduler(**{**SCHEDULER, "prediction_type": prediction_type})
+    scheduler = DDIMScheduler.from_config({**SCHEDULER, "prediction_type": prediction_type})
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
