@@ -77,7 +77,7 @@ class StableDiffusion:
         path = Path(path)
         if not path.exists():
             raise PipelineError(
-                f"model path {path} does not exist; expected a diffusers folder, an sdjax workdir or a .safetensors file"
+                f"model path {path} does not exist; expected a diffusers folder, sdjax workdir or .safetensors file"
             )
         if path.is_file():
             return cls._from_single_file(path, dtype, tokenizer_path, prediction_type)
