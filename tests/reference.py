@@ -65,19 +65,19 @@ def tiny_pipeline(folder: Path, *, sd2: bool = False, prediction_type: str = "ep
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=(2, 4) if sd2 else 4,
+        attention_head_dim=(2, 4) if sd2 else 8,  # SD 1.x: 8 heads, as single-file loading assumes
         use_linear_projection=sd2,
         upcast_attention=sd2,
-        norm_num_groups=8,
+        norm_num_groups=32,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
+        block_out_channels=(32, 32),
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=32,
         sample_size=16,
     )
     for i, model in enumerate((text_encoder, unet, vae)):
