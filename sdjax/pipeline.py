@@ -394,7 +394,7 @@ def _generate_fn(unet, vae, plan, do_cfg: bool, img2img: bool, num_devices: int,
 
 def plan_length(plan: Any) -> int:
     """Number of model evaluations in a sampler plan."""
-    return int(getattr(plan, "num_model_calls", None) or len(plan.timesteps))
+    return plan.num_evaluations
 
 
 class _ProgressBar:

@@ -1,0 +1,510 @@
+"""Samplers: diffusers' schedulers rewritten as one small step function each, looped by one ``lax.scan``.
+
+``make_plan`` does all the host-side bookkeeping a diffusers scheduler does in ``set_timesteps`` (timestep
+spacing, sigmas, Karras sigmas, which step uses which order, img2img ``strength``) and returns a static
+:class:`SamplerPlan` holding one row of numbers per model evaluation. ``sample`` scans over those rows; each
+row calls the model once and then the sampler's step function, which reproduces the matching diffusers
+``step`` (SD 1.x config) to float32 rounding:
+
+  ddim              DDIMScheduler                 Song et al. 2021, arXiv:2010.02502, eq. 12 (eta)
+  ddpm              DDPMScheduler fixed_small     Ho et al. 2020, arXiv:2006.11239, Algorithm 2
+  pndm              PNDMScheduler skip_prk_steps  Liu et al. 2022, arXiv:2202.09778 (PLMS, eq. 12)
+  euler             EulerDiscreteScheduler        Karras et al. 2022, arXiv:2206.00364, Algorithm 2 w/o churn
+  euler_ancestral   EulerAncestralDiscrete...     k-diffusion ``sample_euler_ancestral``
+  dpmpp_2m          DPMSolverMultistepScheduler   Lu et al. 2022, arXiv:2211.01095, Algorithm 2 (dpmsolver++)
+  heun              HeunDiscreteScheduler         Karras et al. 2022, Algorithm 1
+
+Latents are float32 NHWC (B, H, W, C) throughout; the model may run in any dtype, its output is cast back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax import schedule
+from sdjax.schedule import ScheduleConfig
+
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "heun")
+KARRAS_SAMPLERS: tuple[str, ...] = ("euler", "euler_ancestral", "dpmpp_2m", "heun")
+
+ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+# Adams-Bashforth weights on (newest, ..., oldest) model outputs for PLMS stages 2..4 (Liu et al. eq. 12);
+# stage 0 is the first Euler step and stage 1 its Heun-style correction.
+_PLMS_WEIGHTS = {
+    0: (1.0, 0.0, 0.0, 0.0),
+    1: (0.5, 0.5, 0.0, 0.0),
+    2: (3 / 2, -1 / 2, 0.0, 0.0),
+    3: (23 / 12, -16 / 12, 5 / 12, 0.0),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerPlan:
+    """Static, hashable description of one sampling run: one entry per model evaluation (E of them).
+
+    Alpha-based samplers (ddim, ddpm, pndm) step between ``alphas_cumprod`` levels ``alphas_t`` ->
+    ``alphas_prev``; sigma-based ones between VE noise levels ``sigmas`` -> ``sigmas_next`` (``sigmas_prev`` is
+    DPM-Solver's previous level). ``stages`` is the sampler's per-evaluation mode: DDPM 1 = add noise; PLMS
+    stage 0-4; DPM-Solver order 1/2; Heun 0 = Euler predictor, 1 = trapezoid corrector.
+    """
+
+    name: str
+    prediction_type: str
+    timesteps: tuple[float, ...]  # what the model is given at each evaluation
+    c_in: tuple[float, ...]  # scale_model_input factor at each evaluation
+    stages: tuple[int, ...]
+    alphas_t: tuple[float, ...] = ()
+    alphas_prev: tuple[float, ...] = ()
+    sigmas: tuple[float, ...] = ()
+    sigmas_next: tuple[float, ...] = ()
+    sigmas_prev: tuple[float, ...] = ()
+    init_noise_sigma: float = 1.0
+    start_x0_scale: float = 1.0  # img2img: x_start = start_x0_scale * x0 + start_noise_scale * noise
+    start_noise_scale: float = 0.0
+    clip_sample_range: float | None = None
+
+    @property
+    def num_evaluations(self) -> int:
+        return len(self.timesteps)
+
+
+def _floats(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.asarray(values, np.float32))
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def make_plan(
+    cfg: ScheduleConfig,
+    sampler: str,
+    num_steps: int,
+    *,
+    strength: float = 1.0,
+    use_karras_sigmas: bool | None = None,
+) -> SamplerPlan:
+    """Plans ``num_steps`` steps of ``sampler`` as diffusers would with ``cfg`` (an SD scheduler config).
+
+    strength < 1 is img2img: only the last ``int(num_steps * strength)`` steps run, as diffusers'
+    ``StableDiffusionImg2ImgPipeline.get_timesteps``. ``use_karras_sigmas`` defaults to the config's value
+    (which non-sigma samplers ignore); passing True for a sampler without sigmas is an error.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    max_steps = cfg.num_train_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= max_steps:
+        raise ValueError(f"num_steps must be an int in [1, {max_steps}] (num_train_timesteps), got {num_steps!r}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    if int(num_steps * strength) < 1:
+        raise ValueError(f"strength * num_steps must be >= 1 so that a step runs; got {strength} * {num_steps}")
+    if use_karras_sigmas and sampler not in KARRAS_SAMPLERS:
+        raise ValueError(f"Karras sigmas apply only to samplers {', '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
+    if sampler == "pndm" and cfg.prediction_type == "sample":
+        raise ValueError("pndm accepts prediction_type epsilon or v_prediction, not 'sample'")
+    karras = cfg.use_karras_sigmas if use_karras_sigmas is None else use_karras_sigmas
+    t_start = num_steps - int(num_steps * strength)
+    with jax.ensure_compile_time_eval():  # plans are host data, even when made inside a jit trace
+        ac = np.asarray(schedule.alphas_cumprod(cfg))
+    if sampler in KARRAS_SAMPLERS and cfg.rescale_betas_zero_snr:
+        ac = ac.copy()
+        ac[-1] = 2.0**-24  # as diffusers: keeps sigma_max finite
+    common = dict(
+        name=sampler,
+        prediction_type=cfg.prediction_type,
+        clip_sample_range=cfg.clip_sample_range if cfg.clip_sample else None,
+    )
+    return _PLANNERS[sampler](cfg, ac, num_steps, t_start, karras, common)
+
+
+def _alpha_at(ac: np.ndarray, t: np.ndarray, final: float) -> np.ndarray:
+    """alphas_cumprod[t], with ``final`` where t < 0 (past the end of the chain)."""
+    return np.where(t >= 0, ac[np.maximum(t, 0)], np.float32(final))
+
+
+def _alpha_plan(ts, a_t, a_prev, stages, common) -> SamplerPlan:
+    return SamplerPlan(
+        timesteps=_floats(ts),
+        c_in=(1.0,) * len(ts),
+        stages=tuple(int(s) for s in stages),
+        alphas_t=_floats(a_t),
+        alphas_prev=_floats(a_prev),
+        start_x0_scale=float(np.sqrt(a_t[0])),
+        start_noise_scale=float(np.sqrt(np.float32(1) - a_t[0])),
+        **common,
+    )
+
+
+def _plan_ddim(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
+    ts = schedule.inference_timesteps(cfg, num_steps)[t_start:]
+    final = 1.0 if cfg.set_alpha_to_one else ac[0]
+    # DDIM steps back a fixed T // N even when the spacing is not uniform, as diffusers does.
+    a_prev = _alpha_at(ac, ts - cfg.num_train_timesteps // num_steps, final)
+    return _alpha_plan(ts, ac[ts], a_prev, np.zeros(len(ts)), common)
+
+
+def _plan_ddpm(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
+    ts_all = schedule.inference_timesteps(cfg, num_steps)
+    ts = ts_all[t_start:]
+    a_prev = _alpha_at(ac, np.append(ts_all[1:], -1)[t_start:], 1.0)
+    return _alpha_plan(ts, ac[ts], a_prev, ts > 0, common)
+
+
+def _plms_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    """PNDMScheduler(skip_prk_steps=True) timesteps: the second one repeated, num_steps + 1 in all."""
+    ts = schedule.inference_timesteps(cfg, num_steps)
+    return np.concatenate([ts[:1], ts[1:2], ts[1:]]) if num_steps > 1 else ts
+
+
+def _plan_pndm(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
+    ts = _plms_timesteps(cfg, num_steps)[t_start:]
+    ratio = cfg.num_train_timesteps // num_steps
+    counter = np.arange(len(ts))
+    # Evaluation 1 re-does step 0 with the averaged slope: it steps from ts[1] + ratio to ts[1].
+    t_cur = np.where(counter == 1, ts + ratio, ts)
+    t_prev = np.where(counter == 1, ts, ts - ratio)
+    final = 1.0 if cfg.set_alpha_to_one else ac[0]
+    return _alpha_plan(ts, ac[t_cur], _alpha_at(ac, t_prev, final), np.minimum(counter, 4), common)
+
+
+def _sigma_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    """Euler/Heun timesteps: as DDIM's but float32, and not rounded for "linspace"."""
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, cfg.num_train_timesteps - 1, num_steps)[::-1].astype(np.float32)
+    return schedule.inference_timesteps(cfg, num_steps).astype(np.float32)
+
+
+def _discrete_sigmas(ac: np.ndarray, cfg: ScheduleConfig, num_steps: int, karras: bool):
+    """Sigmas (N + 1, trailing 0) and model timesteps (N,) as Euler/Heun ``set_timesteps``."""
+    ts = _sigma_timesteps(cfg, num_steps)
+    sigmas = np.interp(ts, np.arange(len(ac)), ((1 - ac) / ac) ** 0.5)
+    if karras:
+        sigmas = schedule.karras_sigmas(sigmas[-1], sigmas[0], num_steps)
+        ts = schedule.timesteps_from_sigmas(sigmas, ac)
+    return np.append(sigmas, 0.0).astype(np.float32), ts.astype(np.float32)
+
+
+def _init_noise_sigma(cfg: ScheduleConfig, sigmas: np.ndarray) -> float:
+    sigma_max = sigmas.max()
+    if cfg.timestep_spacing == "leading":
+        return float((sigma_max**2 + 1) ** 0.5)
+    return float(sigma_max)
+
+
+def _sigma_plan(ts, sigmas, sigmas_next, stages, cfg, all_sigmas, common, **kw) -> SamplerPlan:
+    return SamplerPlan(
+        timesteps=_floats(ts),
+        c_in=_floats(1 / np.sqrt(sigmas.astype(np.float64) ** 2 + 1)),
+        stages=tuple(int(s) for s in stages),
+        sigmas=_floats(sigmas),
+        sigmas_next=_floats(sigmas_next),
+        init_noise_sigma=_init_noise_sigma(cfg, all_sigmas),
+        start_noise_scale=float(sigmas[0]),
+        **common,
+        **kw,
+    )
+
+
+def _plan_euler(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
+    sigmas, ts = _discrete_sigmas(ac, cfg, num_steps, karras)
+    s = slice(t_start, num_steps)
+    return _sigma_plan(ts[s], sigmas[s], sigmas[1:][s], np.zeros(num_steps - t_start), cfg, sigmas, common)
+
+
+def _plan_heun(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
+    sigmas, ts = _discrete_sigmas(ac, cfg, num_steps, karras)
+    # Interleave as HeunDiscreteScheduler: predictor at sigma_i, corrector at sigma_{i+1} (none at sigma = 0).
+    sig = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
+    ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
+    k = np.arange(2 * t_start, len(ts))
+    return _sigma_plan(ts[k], sig[k], sig[k + 1], k % 2, cfg, sig, common)
+
+
+def _dpm_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler spacing: leading/linspace space N + 1 points and drop the last."""
+    if cfg.timestep_spacing == "trailing":
+        return schedule.inference_timesteps(cfg, num_steps)
+    n = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+    ratio = n // (num_steps + 1)
+    return (np.arange(num_steps + 1) * ratio)[::-1][:-1].astype(np.int64) + cfg.steps_offset
+
+
+def _plan_dpmpp_2m(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
+    ts = _dpm_timesteps(cfg, num_steps)
+    sigmas_all = ((1 - ac) / ac) ** 0.5
+    if karras:
+        sigmas = schedule.karras_sigmas(sigmas_all[0], sigmas_all[-1], num_steps)
+        ts = schedule.timesteps_from_sigmas(sigmas, ac)
+        ts = ts if cfg.beta_schedule == "squaredcos_cap_v2" else ts.round()
+    else:
+        sigmas = np.interp(ts, np.arange(len(ac)), sigmas_all)
+    sigmas = np.append(sigmas, 0.0).astype(np.float32)
+    i = np.arange(t_start, num_steps)
+    # First order on the first step (no history) and the last (sigma_next = 0), as diffusers.
+    orders = np.where((i == t_start) | (i == num_steps - 1), 1, 2)
+    alpha0 = np.float32(1) / np.sqrt(sigmas[t_start] ** 2 + np.float32(1))
+    return SamplerPlan(
+        timesteps=_floats(ts[i]),
+        c_in=(1.0,) * len(i),
+        stages=tuple(int(o) for o in orders),
+        sigmas=_floats(sigmas[i]),
+        sigmas_next=_floats(sigmas[i + 1]),
+        sigmas_prev=_floats(sigmas[np.maximum(i - 1, t_start)]),
+        start_x0_scale=float(alpha0),
+        start_noise_scale=float(sigmas[t_start] * alpha0),
+        **common,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _alpha_predictions(prediction_type: str, x, out, alpha_t):
+    """(x0, eps) from the model output at alphas_cumprod level ``alpha_t`` (x = sqrt(a) x0 + sqrt(1-a) eps)."""
+    beta_t = 1 - alpha_t
+    if prediction_type == "epsilon":
+        return (x - beta_t**0.5 * out) / alpha_t**0.5, out
+    if prediction_type == "v_prediction":
+        return alpha_t**0.5 * x - beta_t**0.5 * out, alpha_t**0.5 * out + beta_t**0.5 * x
+    return out, (x - alpha_t**0.5 * out) / beta_t**0.5
+
+
+def _sigma_denoised(prediction_type: str, x, out, sigma):
+    """x0 from the model output for a VE sample x = x0 + sigma eps (Karras et al. Table 1 preconditioning)."""
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    if prediction_type == "v_prediction":
+        return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    return out
+
+
+def _clip(plan: SamplerPlan, x0):
+    if plan.clip_sample_range is None:
+        return x0
+    return jnp.clip(x0, -plan.clip_sample_range, plan.clip_sample_range)
+
+
+def to_d(x, sigma, denoised):
+    """Karras ODE derivative dx/dsigma = (x - D(x; sigma)) / sigma."""
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma_from, sigma_to):
+    """(sigma_down, sigma_up): deterministic step target and fresh-noise level of an ancestral step."""
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    sigma_down = jnp.maximum(sigma_to**2 - sigma_up**2, 0.0) ** 0.5
+    return sigma_down, sigma_up
+
+
+# ------------------------------------------------------------------------------------------------ steps
+# Every step has the signature (plan, x, state, out, s, noise, eta) -> (x_next, state): ``out`` is the float32
+# model output at this evaluation, ``s`` this evaluation's row of the plan, ``noise`` a fresh N(0, 1) draw
+# (None when the run is deterministic).
+
+
+def step_ddim(plan, x, state, out, s, noise, eta):
+    """DDIM (Song et al. 2021) eq. 12 with sigma_t = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev))."""
+    a_t, a_prev = s["alphas_t"], s["alphas_prev"]
+    x0, eps = _alpha_predictions(plan.prediction_type, x, out, a_t)
+    x0 = _clip(plan, x0)
+    variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
+    std = eta * variance**0.5
+    x_prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+    return x_prev if noise is None else x_prev + std * noise, state
+
+
+def step_ddpm(plan, x, state, out, s, noise, eta):
+    """DDPM ancestral step (Ho et al. 2020 eqs. 6-7) with the posterior variance beta-tilde ("fixed_small")."""
+    a_t, a_prev = s["alphas_t"], s["alphas_prev"]
+    alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+    x0 = _clip(plan, _alpha_predictions(plan.prediction_type, x, out, a_t)[0])
+    mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a_t)) * x
+    variance = jnp.maximum((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+    return mean + jnp.where(s["stages"] == 1, variance**0.5, 0.0) * noise, state
+
+
+def _pndm_transfer(prediction_type, x, eps, a_t, a_prev):
+    """PNDM's transfer phi(x, eps, t -> t_prev) (Liu et al. eq. 11), the DDIM step written with eps only."""
+    if prediction_type == "v_prediction":
+        eps = a_t**0.5 * eps + (1 - a_t) ** 0.5 * x
+    denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+    return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
+
+
+def step_pndm(plan, x, state, out, s, noise, eta):
+    """PLMS (Liu et al. 2022): linear multistep on the last 4 model outputs, Heun-style start."""
+    ets, x_first = state  # ets: previous model outputs, newest first (3, B, H, W, C)
+    stage = s["stages"]
+    w = jnp.asarray(np.array(list(_PLMS_WEIGHTS.values()), np.float32))[stage]
+    eps = w[0] * out + jnp.tensordot(w[1:], ets, axes=1)
+    x = jnp.where(stage == 1, x_first, x)  # the correction restarts from the first step's sample
+    x_first = jnp.where(stage == 0, x, x_first)
+    ets = jnp.where(stage == 1, ets, jnp.concatenate([out[None], ets[:-1]]))
+    return _pndm_transfer(plan.prediction_type, x, eps, s["alphas_t"], s["alphas_prev"]), (ets, x_first)
+
+
+def step_euler(plan, x, state, out, s, noise, eta):
+    """Euler step of the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. Algorithm 2, S_churn=0)."""
+    sigma = s["sigmas"]
+    d = to_d(x, sigma, _sigma_denoised(plan.prediction_type, x, out, sigma))
+    return x + d * (s["sigmas_next"] - sigma), state
+
+
+def step_euler_ancestral(plan, x, state, out, s, noise, eta):
+    """Euler to sigma_down, then fresh noise of std sigma_up (k-diffusion ``sample_euler_ancestral``)."""
+    sigma = s["sigmas"]
+    sigma_down, sigma_up = get_ancestral_step(sigma, s["sigmas_next"])
+    d = to_d(x, sigma, _sigma_denoised(plan.prediction_type, x, out, sigma))
+    return x + d * (sigma_down - sigma) + noise * sigma_up, state
+
+
+def step_heun(plan, x, state, out, s, noise, eta):
+    """Heun's 2nd-order method (Karras et al. Algorithm 1): Euler predictor, trapezoid corrector."""
+    d_first, dt_first, x_first = state
+    sigma, corrector = s["sigmas"], s["stages"] == 1
+    d = to_d(x, sigma, _clip(plan, _sigma_denoised(plan.prediction_type, x, out, sigma)))
+    d = jnp.where(corrector, (d_first + d) / 2, d)
+    dt = jnp.where(corrector, dt_first, s["sigmas_next"] - sigma)
+    x = jnp.where(corrector, x_first, x)
+    return x + d * dt, (d, dt, x)
+
+
+def _vp(sigma):
+    """(alpha_t, sigma_t) of the VP process with VE noise level sigma."""
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+def step_dpmpp_2m(plan, x, state, out, s, noise, eta):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, midpoint form) on the VP sample x = alpha x0 + sigma eps."""
+    (x0_last,) = state
+    alpha_t, sigma_t = _vp(s["sigmas_next"])
+    alpha_s0, sigma_s0 = _vp(s["sigmas"])
+    alpha_s1, sigma_s1 = _vp(s["sigmas_prev"])
+    if plan.prediction_type == "epsilon":
+        x0 = (x - sigma_s0 * out) / alpha_s0
+    elif plan.prediction_type == "v_prediction":
+        x0 = alpha_s0 * x - sigma_s0 * out
+    else:
+        x0 = out
+    lambda_t, lambda_s0 = jnp.log(alpha_t) - jnp.log(sigma_t), jnp.log(alpha_s0) - jnp.log(sigma_s0)
+    h, h_0 = lambda_t - lambda_s0, lambda_s0 - (jnp.log(alpha_s1) - jnp.log(sigma_s1))
+    second = s["stages"] == 2
+    r0 = jnp.where(second, h_0 / h, 1.0)  # first-order rows may have h = inf or h_0 = 0
+    d1 = (1.0 / r0) * (x0 - x0_last)
+    coef = alpha_t * (jnp.exp(-h) - 1.0)
+    x_t = (sigma_t / sigma_s0) * x - coef * x0 - jnp.where(second, 0.5, 0.0) * coef * d1
+    return x_t, (x0,)
+
+
+_PLANNERS = {
+    "ddim": _plan_ddim,
+    "ddpm": _plan_ddpm,
+    "pndm": _plan_pndm,
+    "euler": _plan_euler,
+    "euler_ancestral": _plan_euler,
+    "dpmpp_2m": _plan_dpmpp_2m,
+    "heun": _plan_heun,
+}
+_STEPS = {
+    "ddim": step_ddim,
+    "ddpm": step_ddpm,
+    "pndm": step_pndm,
+    "euler": step_euler,
+    "euler_ancestral": step_euler_ancestral,
+    "dpmpp_2m": step_dpmpp_2m,
+    "heun": step_heun,
+}
+
+
+def _initial_state(name: str, x: jnp.ndarray):
+    zeros = jnp.zeros_like(x)
+    if name == "pndm":
+        return jnp.zeros((3,) + x.shape, x.dtype), zeros
+    if name == "heun":
+        return zeros, jnp.zeros((), x.dtype), zeros
+    if name == "dpmpp_2m":
+        return (zeros,)
+    return ()
+
+
+# ------------------------------------------------------------------------------------------------ public loop
+
+
+def initial_latents(plan: SamplerPlan, noise: jnp.ndarray) -> jnp.ndarray:
+    """x_T for txt2img: standard-normal ``noise`` (B, H, W, C) times the sampler's ``init_noise_sigma``
+    (1 for ddim/ddpm/pndm/dpmpp_2m; sqrt(sigma_max^2 + 1) or sigma_max for the Karras-style samplers). float32.
+    """
+    return noise.astype(jnp.float32) * jnp.float32(plan.init_noise_sigma)
+
+
+def noised_latents(plan: SamplerPlan, x0: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
+    """img2img start: clean latents ``x0`` noised to the plan's first step as diffusers' ``add_noise``.
+
+    x0, noise: (B, H, W, C). Returns float32 (B, H, W, C).
+    """
+    x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
+    return jnp.float32(plan.start_x0_scale) * x0 + jnp.float32(plan.start_noise_scale) * noise
+
+
+def _plan_rows(plan: SamplerPlan) -> dict[str, jnp.ndarray]:
+    rows = {"index": jnp.arange(plan.num_evaluations, dtype=jnp.int32)}
+    for field in ("timesteps", "c_in", "alphas_t", "alphas_prev", "sigmas", "sigmas_next", "sigmas_prev"):
+        if getattr(plan, field):
+            rows[field] = jnp.asarray(getattr(plan, field), jnp.float32)
+    rows["stages"] = jnp.asarray(plan.stages, jnp.int32)
+    return rows
+
+
+def _step_noise(rng: jax.Array, index: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
+    if rng.shape == ():
+        return jax.random.normal(jax.random.fold_in(rng, index), shape, jnp.float32)
+    # One key per example: an example's noise does not depend on what else is in the batch.
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, index), shape[1:], jnp.float32))(rng)
+
+
+def sample(
+    plan: SamplerPlan,
+    model_fn: ModelFn,
+    x: jnp.ndarray,
+    rng: jax.Array,
+    *,
+    eta: float | jnp.ndarray = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> jnp.ndarray:
+    """Runs the whole denoising loop of ``plan`` as one ``lax.scan``; returns the final latents.
+
+    x: float32 (B, H, W, C) start latents (``initial_latents`` or ``noised_latents``).
+    model_fn(x_in, t) -> model output (B, H, W, C) in the config's prediction type, any float dtype; x_in is
+    float32 x already scaled as diffusers' ``scale_model_input``, t a float32 scalar timestep.
+    rng: PRNG key, or (B,) keys, one per example; evaluation i draws its noise from ``fold_in(rng, i)`` (per
+    example with (B,) keys). eta: DDIM noise scale (0 =
+    deterministic, 1 = DDPM-like), may be traced; ignored by other samplers. progress: optional host callback
+    called with each evaluation index. Returns float32 (B, H, W, C).
+    """
+    step = _STEPS[plan.name]
+    # Drawing noise nobody uses still costs a threefry compile; a literal eta = 0 makes DDIM deterministic.
+    stochastic = plan.name in ("ddpm", "euler_ancestral") or (
+        plan.name == "ddim" and not (isinstance(eta, (int, float)) and eta == 0)
+    )
+
+    def body(carry, s):
+        x, state = carry
+        if progress is not None:
+            jax.debug.callback(lambda i: progress(int(i)), s["index"])
+        out = model_fn(x * s["c_in"], s["timesteps"]).astype(jnp.float32)
+        noise = _step_noise(rng, s["index"], x.shape) if stochastic else None
+        return step(plan, x, state, out, s, noise, eta), None
+
+    x = x.astype(jnp.float32)
+    (x, _), _ = jax.lax.scan(body, (x, _initial_state(plan.name, x)), _plan_rows(plan))
+    return x

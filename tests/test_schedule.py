@@ -1,0 +1,205 @@
+"""sdjax.schedule against diffusers' schedulers (the PyTorch reference)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+from sdjax import schedule
+from sdjax.schedule import ScheduleConfig
+
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json, as shipped.
+SD15_SCHEDULER_JSON = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SCHEDULE_VARIANTS = [
+    dict(beta_schedule=b, rescale_betas_zero_snr=z)
+    for b in ("linear", "scaled_linear", "squaredcos_cap_v2")
+    for z in (False, True)
+]
+
+
+def _reference(**kwargs) -> DDPMScheduler:
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, **kwargs)
+
+
+def _nchw(x) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("variant", SCHEDULE_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_betas_match_diffusers(variant):
+    ours = schedule.betas(ScheduleConfig(**variant))
+    assert ours.dtype == jnp.float32
+    # diffusers rescales to zero SNR in float32; we do it in float64.
+    np.testing.assert_allclose(ours, _reference(**variant).betas.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", SCHEDULE_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_alphas_cumprod_match_diffusers(variant):
+    ours = schedule.alphas_cumprod(ScheduleConfig(**variant))
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, _reference(**variant).alphas_cumprod.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_zero_terminal_snr_makes_last_alphas_cumprod_zero():
+    ac = schedule.alphas_cumprod(ScheduleConfig(rescale_betas_zero_snr=True))
+    assert float(ac[-1]) == 0.0
+    assert float(ac[0]) == pytest.approx(float(schedule.alphas_cumprod(ScheduleConfig())[0]), rel=1e-6)
+
+
+def test_sigmas_from_alphas_cumprod_match_euler_scheduler():
+    cfg = ScheduleConfig()
+    ref = EulerDiscreteScheduler.from_config(cfg.to_dict()).sigmas.numpy()[:-1][::-1]
+    np.testing.assert_allclose(schedule.sigmas_from_alphas_cumprod(schedule.alphas_cumprod(cfg)), ref, rtol=1e-6)
+
+
+def test_add_noise_matches_diffusers():
+    rng = np.random.default_rng(0)
+    x0, noise = rng.standard_normal((2, 2, 8, 8, 3)).astype(np.float32)
+    t = np.array([3, 987])
+    ref = _reference(beta_schedule="scaled_linear").add_noise(_nchw(x0), _nchw(noise), torch.from_numpy(t))
+    ours = schedule.add_noise(schedule.alphas_cumprod(ScheduleConfig()), x0, noise, jnp.asarray(t))
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_velocity_matches_diffusers():
+    rng = np.random.default_rng(1)
+    x0, noise = rng.standard_normal((2, 2, 8, 8, 3)).astype(np.float32)
+    t = np.array([0, 500])
+    ref = _reference(beta_schedule="scaled_linear").get_velocity(_nchw(x0), _nchw(noise), torch.from_numpy(t))
+    ours = schedule.velocity(schedule.alphas_cumprod(ScheduleConfig()), x0, noise, jnp.asarray(t))
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_snr_is_inverse_squared_sigma():
+    ac = schedule.alphas_cumprod(ScheduleConfig())
+    t = jnp.array([0, 10, 999])
+    np.testing.assert_allclose(schedule.snr(ac, t), schedule.sigmas_from_alphas_cumprod(ac)[t] ** -2, rtol=1e-5)
+
+
+def test_add_noise_velocity_and_snr_jit_with_traced_timesteps():
+    ac = schedule.alphas_cumprod(ScheduleConfig())
+    x0, noise = jnp.ones((2, 4, 4, 1)), jnp.full((2, 4, 4, 1), 0.5)
+    t = jnp.array([7, 900])
+    fns = (schedule.add_noise, schedule.velocity)
+    for fn in fns:
+        np.testing.assert_allclose(jax.jit(fn)(ac, x0, noise, t), fn(ac, x0, noise, t), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(schedule.snr)(ac, t), schedule.snr(ac, t), rtol=1e-6)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("num_steps", [1, 7, 20, 50, 999])
+def test_inference_timesteps_match_ddim_scheduler(spacing, num_steps):
+    cfg = ScheduleConfig(timestep_spacing=spacing, steps_offset=0 if num_steps == 999 else 1)
+    ref = DDIMScheduler.from_config(cfg.to_dict())
+    ref.set_timesteps(num_steps)
+    ours = schedule.inference_timesteps(cfg, num_steps)
+    assert ours.dtype == np.int64
+    np.testing.assert_array_equal(ours, ref.timesteps.numpy())
+
+
+@pytest.mark.parametrize("num_steps", [0, 1001, 2.5])
+def test_inference_timesteps_reject_bad_step_counts(num_steps):
+    with pytest.raises(ValueError, match=r"num_steps must be an int in \[1, 1000\]"):
+        schedule.inference_timesteps(ScheduleConfig(), num_steps)
+
+
+def test_inference_timesteps_reject_leading_offset_past_the_schedule():
+    with pytest.raises(ValueError, match="timestep 1000 >= num_train_timesteps=1000"):
+        schedule.inference_timesteps(ScheduleConfig(steps_offset=1), 1000)
+
+
+def test_karras_sigmas_match_euler_scheduler():
+    cfg = ScheduleConfig(use_karras_sigmas=True)
+    ref = EulerDiscreteScheduler.from_config(cfg.to_dict())
+    ref.set_timesteps(25)
+    sigmas = ref.sigmas.numpy()[:-1].astype(np.float64)
+    ours = schedule.karras_sigmas(sigmas[-1], sigmas[0], 25)
+    np.testing.assert_allclose(ours, sigmas, rtol=1e-6)
+    np.testing.assert_allclose(
+        schedule.timesteps_from_sigmas(ours, np.asarray(schedule.alphas_cumprod(cfg))),
+        ref.timesteps.numpy(),
+        atol=2e-4,
+    )
+
+
+def test_timesteps_from_sigmas_inverts_the_sigma_table():
+    ac = np.asarray(schedule.alphas_cumprod(ScheduleConfig()))
+    t = np.array([999, 500, 37, 1])
+    sigmas = np.asarray(schedule.sigmas_from_alphas_cumprod(ac))[t]
+    np.testing.assert_allclose(schedule.timesteps_from_sigmas(sigmas, ac), t, atol=1e-3)
+
+
+def test_from_dict_reads_sd15_scheduler_config_and_ignores_unknown_keys():
+    cfg = ScheduleConfig.from_dict(SD15_SCHEDULER_JSON)
+    assert cfg == ScheduleConfig()  # the defaults are SD 1.x's
+
+
+def test_from_dict_applies_overrides():
+    cfg = ScheduleConfig.from_dict(SD15_SCHEDULER_JSON, prediction_type="v_prediction", steps_offset=0)
+    assert (cfg.prediction_type, cfg.steps_offset, cfg.beta_schedule) == ("v_prediction", 0, "scaled_linear")
+
+
+def test_from_dict_rejects_unknown_override():
+    with pytest.raises(ValueError, match="unknown ScheduleConfig override.*prediction_typ"):
+        ScheduleConfig.from_dict({}, prediction_typ="epsilon")
+
+
+def test_from_dict_rejects_trained_betas():
+    with pytest.raises(ValueError, match="trained_betas"):
+        ScheduleConfig.from_dict({**SD15_SCHEDULER_JSON, "trained_betas": [0.1] * 1000})
+
+
+def test_json_file_round_trip(tmp_path):
+    cfg = ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert ScheduleConfig.from_json_file(path) == cfg
+
+
+def test_to_dict_builds_the_same_diffusers_schedule():
+    cfg = ScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    ref = DDIMScheduler.from_config(cfg.to_dict())
+    np.testing.assert_allclose(schedule.alphas_cumprod(cfg), ref.alphas_cumprod.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field, value, accepted",
+    [
+        ("beta_schedule", "cosine", "linear, scaled_linear, squaredcos_cap_v2"),
+        ("prediction_type", "eps", "epsilon, v_prediction, sample"),
+        ("timestep_spacing", "uniform", "leading, trailing, linspace"),
+    ],
+)
+def test_unknown_choice_is_rejected_listing_accepted_values(field, value, accepted):
+    with pytest.raises(ValueError, match=f"unknown {field} '{value}'; accepted: {accepted}"):
+        ScheduleConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_train_timesteps=1), "num_train_timesteps must be an int >= 2"),
+        (dict(beta_start=0.02, beta_end=0.01), "need 0 < beta_start <= beta_end < 1"),
+        (dict(steps_offset=-1), "steps_offset must be an int >= 0"),
+        (dict(clip_sample_range=0.0), "clip_sample_range must be > 0"),
+    ],
+)
+def test_bad_numbers_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ScheduleConfig(**kwargs)
