@@ -1,0 +1,143 @@
+"""CLIP tokenizer: loading, padding/truncation to 77 tokens, and training a small CLIP-compatible BPE.
+
+The tokenizer is transformers' `CLIPTokenizer`; `build_tokenizer` trains merges with the `tokenizers`
+library on a corpus (e.g. the shapes64 captions) and writes them in CLIP's own file layout
+(vocab.json + merges.txt), so the same loading code serves the tiny model and real Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import transformers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+MAX_LENGTH = 77
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+# CLIP's word splitter (same as transformers' CLIPTokenizer): special tokens, contractions, letters, digits.
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder or corpus that cannot be used."""
+
+
+def load_tokenizer(path: str | os.PathLike) -> transformers.CLIPTokenizer:
+    """Loads a CLIP tokenizer from a local folder (vocab.json + merges.txt, or tokenizer.json).
+
+    Accepts the tokenizer folder itself or a diffusers pipeline folder with a `tokenizer/` subfolder.
+    """
+    path = os.fspath(path)
+    for folder in (os.path.join(path, "tokenizer"), path):
+        if os.path.isfile(os.path.join(folder, "vocab.json")) or os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    raise TokenizerError(
+        f"no CLIP tokenizer at {path!r}; expected a local folder with vocab.json + merges.txt "
+        "(or tokenizer.json), or a diffusers folder with a tokenizer/ subfolder"
+    )
+
+
+def tokenize(
+    tokenizer: transformers.PreTrainedTokenizerBase, prompts: list[str], max_length: int = MAX_LENGTH
+) -> np.ndarray:
+    """Token ids of `prompts`: int32 (B, max_length), <|startoftext|> ... <|endoftext|> then padding.
+
+    Prompts longer than `max_length` tokens are truncated (keeping the final <|endoftext|>, as CLIP)
+    with a warning that names them.
+    """
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TokenizerError(f"prompts must be a list of strings, got {type(prompts).__name__}: {prompts!r:.80}")
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]]
+    truncated = [p for p, n in zip(prompts, lengths, strict=True) if n > max_length]
+    if truncated:
+        warnings.warn(
+            f"{len(truncated)} prompt(s) longer than {max_length} tokens were truncated: "
+            + "; ".join(repr(p) for p in truncated),
+            stacklevel=2,
+        )
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")[
+        "input_ids"
+    ]
+    return ids.astype(np.int32).reshape(len(prompts), max_length)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable character map; its order is the order of CLIP's base vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # Bytes without a printable glyph (control chars, space, ...) borrow code points from 256 upwards.
+    others = [b for b in range(256) if b not in set(printable)]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _clip_bpe() -> Tokenizer:
+    bpe = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD))
+    bpe.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    return bpe
+
+
+def train_merges(texts: Iterable[str], max_merges: int = 10_000) -> list[tuple[str, str]]:
+    """BPE merges learnt from `texts` with CLIP's normalisation, word splitting and "</w>" word ends."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2 * len(alphabet) + max_merges,
+        min_frequency=1,
+        initial_alphabet=alphabet,
+        end_of_word_suffix=END_OF_WORD,
+        show_progress=False,
+    )
+    bpe = _clip_bpe()
+    bpe.train_from_iterator(texts, trainer)
+    return [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+
+
+def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    # CLIP's layout: 256 byte characters, the same with "</w>", one token per merge, then the specials.
+    chars = list(bytes_to_unicode().values())
+    tokens = [*chars, *(c + END_OF_WORD for c in chars), *("".join(m) for m in merges), BOS_TOKEN, EOS_TOKEN]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+
+
+def build_tokenizer(
+    texts: Iterable[str], out_dir: str | os.PathLike, max_merges: int = 10_000
+) -> transformers.CLIPTokenizer:
+    """Trains a small CLIP-compatible BPE tokenizer on `texts` and writes it to `out_dir`.
+
+    Writes vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json in the layout of
+    openai/clip-vit-large-patch14 (pad = <|endoftext|>, model_max_length 77) and returns the tokenizer
+    loaded back from `out_dir`. Words of the corpus become single tokens when `max_merges` allows.
+    """
+    texts = [t for t in texts if t]
+    if not texts:
+        raise TokenizerError("build_tokenizer needs at least one non-empty text to learn merges from")
+    merges = train_merges(texts, max_merges)
+    os.makedirs(out_dir, exist_ok=True)
+    stale = os.path.join(out_dir, "tokenizer.json")  # would take precedence over the files written here
+    if os.path.exists(stale):
+        os.remove(stale)
+    _write_json(os.path.join(out_dir, "vocab.json"), _clip_vocab(merges))
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), specials)
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "do_lower_case": True}
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {**config, **specials})
+    return load_tokenizer(out_dir)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)

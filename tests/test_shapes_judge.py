@@ -1,0 +1,110 @@
+"""Specification of sdjax.shapes_judge: reading colour, shape and background off shapes64 images."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sdjax import shapes_judge as J
+from sdjax.data import shapes64 as S
+
+COMBOS = [(c, s, b) for c, s, b in itertools.product(S.COLORS, S.SHAPES, S.COLORS) if c != b]
+
+
+def _random_scenes(n: int, seed: int):
+    """n scenes cycling through every (colour, shape, background), sizes cycling through 24..44."""
+    rng = np.random.default_rng(seed)
+    sizes = list(range(S.MIN_SIZE, S.MAX_SIZE + 1))
+    for i in range(n):
+        color, shape, background = COMBOS[i % len(COMBOS)]
+        size = sizes[i % len(sizes)]
+        cx, cy = rng.uniform(size / 2, S.IMAGE_SIZE - size / 2, size=2)
+        yield {"color": color, "shape": shape, "background": background, "cx": cx, "cy": cy, "size": size}
+
+
+def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    radius = int(np.ceil(3 * sigma))
+    taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
+    taps /= taps.sum()
+    out = np.pad(image.astype(np.float32), ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    h, w = image.shape[:2]
+    out = sum(t * out[i : i + h] for i, t in enumerate(taps))
+    return sum(t * out[:, i : i + w] for i, t in enumerate(taps))
+
+
+def _truth(scene):
+    return {k: scene[k] for k in ("color", "shape", "background")}
+
+
+def test_judges_1000_ground_truth_renders_perfectly():
+    wrong = [s for s in _random_scenes(1000, seed=0) if J.judge(S.render(**s)) != _truth(s)]
+    assert wrong == []
+
+
+def test_judges_the_smallest_and_largest_shapes_in_the_corners():
+    for (color, shape, background), size in itertools.product(COMBOS, (S.MIN_SIZE, S.MAX_SIZE)):
+        for c in (size / 2, S.IMAGE_SIZE - size / 2):
+            image = S.render(color, shape, background, c, S.IMAGE_SIZE - c, size)
+            assert J.judge(image) == {"color": color, "shape": shape, "background": background}
+
+
+def test_is_robust_to_gaussian_noise_and_a_small_blur():
+    rng = np.random.default_rng(1)
+    scenes = list(_random_scenes(1000, seed=2))
+    hits = 0
+    for scene in scenes:
+        image = _gaussian_blur(S.render(**scene), sigma=0.8) + rng.normal(0, 10, (64, 64, 3))
+        hits += J.judge(np.clip(np.round(image), 0, 255).astype(np.uint8)) == _truth(scene)
+    assert hits / len(scenes) >= 0.98
+
+
+def test_accepts_float_images_in_the_unit_range():
+    image = S.render("blue", "triangle", "yellow", 30, 34, 30).astype(np.float32) / 255
+    assert J.judge(image) == {"color": "blue", "shape": "triangle", "background": "yellow"}
+
+
+def test_works_at_other_resolutions():
+    for shape in S.SHAPES:
+        image = S.render("green", shape, "black", 70, 60, 80, image_size=128)
+        assert J.judge(image) == {"color": "green", "shape": shape, "background": "black"}
+
+
+def test_a_plain_image_has_no_colour_or_shape():
+    image = np.full((64, 64, 3), S.PALETTE["white"], np.uint8)
+    assert J.judge(image) == {"color": None, "shape": None, "background": "white"}
+
+
+def test_slightly_off_palette_colours_map_to_the_nearest_palette_colour():
+    image = S.render("red", "square", "white", 32, 32, 30).astype(np.int16)
+    image += np.array([-25, 20, 15], np.int16)  # a model's colour drift
+    result = J.judge(np.clip(image, 0, 255).astype(np.uint8))
+    assert result == {"color": "red", "shape": "square", "background": "white"}
+
+
+@pytest.mark.parametrize(
+    "image",
+    [np.zeros((64, 64), np.uint8), np.zeros((64, 64, 4), np.uint8), np.full((64, 64, 3), 2.0), np.zeros((4, 4, 3))],
+)
+def test_rejects_images_it_cannot_read(image):
+    with pytest.raises(ValueError):
+        J.judge(image)
+
+
+def test_parse_caption_inverts_the_caption_template():
+    for color, shape, background in COMBOS:
+        caption = S.caption(color, shape, background)
+        assert J.parse_caption(caption) == {"color": color, "shape": shape, "background": background}
+
+
+@pytest.mark.parametrize(
+    "caption", ["a red circle", "a purple circle on a red background", "a red cube on a blue background"]
+)
+def test_parse_caption_rejects_other_sentences(caption):
+    with pytest.raises(ValueError, match="caption"):
+        J.parse_caption(caption)
+
+
+def test_accuracy_counts_matches_per_attribute():
+    images = np.stack([S.render("red", "circle", "white", 32, 32, 30), S.render("blue", "square", "black", 32, 32, 30)])
+    captions = ["a red circle on a white background", "a blue triangle on a black background"]
+    assert J.accuracy(images, captions) == {"color": 1.0, "shape": 0.5, "background": 1.0, "all": 0.5}
