@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = jnp.dtype
@@ -123,12 +124,19 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 upsampling then a 3x3 conv. (B, H, W, C) -> (B, 2H, 2W, C)."""
+    """Nearest-neighbour upsampling (x2, or to ``output_size``) then a 3x3 conv.
+    (B, H, W, C) -> (B, 2H, 2W, C) or (B, *output_size, C)."""
 
     channels: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        h, w = x.shape[1:3]
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:  # PyTorch's "nearest": output pixel i reads input pixel floor(i * in / out)
+            rows = (np.arange(output_size[0]) * h) // output_size[0]
+            cols = (np.arange(output_size[1]) * w) // output_size[1]
+            x = x[:, rows][:, :, cols]
         return nn.Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)

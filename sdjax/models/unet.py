@@ -336,7 +336,14 @@ class UpBlock2D(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        skips: tuple[jax.Array, ...],
+        temb: jax.Array,
+        context: jax.Array,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> jax.Array:
         resnet = _resnet_block(self.remat)
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
@@ -346,7 +353,7 @@ class UpBlock2D(nn.Module):
                     self.attention, self.groups, self.remat, dtype=self.dtype, name=f"attentions_{i}"
                 )(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -413,11 +420,8 @@ class UNet2DConditionModel(nn.Module):
 
     def _check_inputs(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> None:
         cfg = self.config
-        factor = 2 ** (len(cfg.block_out_channels) - 1)
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be NHWC (B, H, W, {cfg.in_channels}), got shape {sample.shape}")
-        if sample.shape[1] % factor or sample.shape[2] % factor:
-            raise ValueError(f"sample height and width must be multiples of {factor}, got {sample.shape[1:3]}")
         batch = sample.shape[0]
         if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
             raise ValueError(f"timesteps must be a scalar, (1,) or (batch={batch},), got shape {timesteps.shape}")
@@ -474,6 +478,8 @@ class UNet2DConditionModel(nn.Module):
             channels, num_layers = cfg.block_out_channels[block], cfg.layers()[block] + 1
             cross = block_type == "CrossAttnUpBlock2D"
             block_skips, skips = tuple(skips[-num_layers:]), skips[:-num_layers]
+            # Odd sizes halve to ceil(H / 2) on the way down; upsample to the next skip's size, as diffusers does.
+            upsample_size = skips[-1].shape[1:3] if i < n - 1 else None
             x = UpBlock2D(
                 channels,
                 num_layers,
@@ -481,7 +487,7 @@ class UNet2DConditionModel(nn.Module):
                 add_upsample=i < n - 1,
                 name=f"up_blocks_{i}",
                 **common,
-            )(x, block_skips, temb, encoder_hidden_states)
+            )(x, block_skips, temb, encoder_hidden_states, upsample_size)
 
         x = nn.GroupNorm(groups, epsilon=eps, use_fast_variance=False, dtype=self.dtype, name="conv_norm_out")(x)
         return nn.Conv(cfg.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(nn.swish(x))
