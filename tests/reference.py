@@ -45,10 +45,10 @@ def tiny_pipeline(folder: Path, *, sd2: bool = False, prediction_type: str = "ep
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=64,
+            intermediate_size=128,
             num_hidden_layers=2,
-            num_attention_heads=4,
+            num_attention_heads=1,  # 64-dim heads, as SD's text encoders (and single-file loading) have
             max_position_embeddings=77,
             hidden_act="gelu" if sd2 else "quick_gelu",
             bos_token_id=tokenizer.bos_token_id,
@@ -64,7 +64,7 @@ def tiny_pipeline(folder: Path, *, sd2: bool = False, prediction_type: str = "ep
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=64,
         attention_head_dim=(2, 4) if sd2 else 8,  # SD 1.x: 8 heads, as single-file loading assumes
         use_linear_projection=sd2,
         upcast_attention=sd2,

@@ -69,14 +69,14 @@ def test_images_match_diffusers(reference, sampler):
     error = np.abs(images - expected).max()
     print(f"{pipe.schedule.prediction_type} {sampler}: max|sdjax - diffusers| = {error:.2e}")
     assert images.shape == expected.shape == (2, 16, 16, 3)
-    assert error <= 2e-3
+    assert error <= 1e-4  # the issue asks for 2e-3; measured ~2e-6
 
 
 def test_from_pretrained_exposes_design_api(reference):
     _, _, pipe = reference
     assert set(pipe.params) == {"unet", "vae", "text_encoder"}
     assert pipe.tokenizer("a red circle").input_ids[0] == pipe.tokenizer.bos_token_id
-    assert pipe.encode_prompt(PROMPTS).shape == (2, 77, 32)
+    assert pipe.encode_prompt(PROMPTS).shape == (2, 77, 64)
 
 
 def test_changing_prompt_seed_guidance_and_eta_does_not_recompile(reference):
@@ -135,7 +135,7 @@ def test_img2img_keeps_structure_of_init_image(reference, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(height=20), "multiples of 2"),
+        (dict(height=21), "multiples of 2"),
         (dict(num_inference_steps=0), "steps"),
         (dict(sampler="k_lms"), "ddim"),
         (dict(init_image=np.zeros((16, 16, 3), np.uint8), strength=1.5), "strength"),
@@ -162,7 +162,7 @@ def test_save_pretrained_round_trips_through_diffusers(reference, tmp_path):
     pipe.save_pretrained(tmp_path / "export")
     reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "export", safety_checker=None)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    context = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([pipe.tokenizer(PROMPTS[0], padding="max_length", max_length=77).input_ids])
     with torch.no_grad():
         for a, b in [
@@ -243,5 +243,5 @@ def test_single_file_checkpoint_generates_what_the_folder_does(reference, tmp_pa
         tokenizer_path=folder / "tokenizer",
         prediction_type=pipe.schedule.prediction_type,
     )
-    kwargs = dict(num_inference_steps=3, seed=0, latents=initial_noise())
+    kwargs = dict(num_inference_steps=3, seed=0, latents=initial_noise(), height=16, width=16)
     np.testing.assert_allclose(single.generate(PROMPTS, **kwargs), pipe.generate(PROMPTS, **kwargs), atol=1e-5)
