@@ -1,0 +1,204 @@
+"""Training checkpoints (a thin Orbax ``CheckpointManager`` wrapper) and the workdir contract with the pipeline.
+
+A training workdir ``DIR`` holds::
+
+    DIR/model/                 diffusers-style folder written when training starts (configs, tokenizer, scheduler,
+                               and the weights of the frozen components)
+    DIR/checkpoints/<step>/    Orbax items: params, ema_params (when EMA is on), opt_state, meta (JSON: step, rng,
+                               data_position)
+
+``params`` and ``ema_params`` map a component name ("vae", "unet", "text_encoder") to its parameter tree, so
+:func:`load_trained_params` reads them without knowing the optimizer. Arrays are saved as host numpy arrays:
+a checkpoint written on a TPU slice restores on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sdjax import weights
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+META = "meta"
+# Items of one checkpoint; only "params" is required (ema_params is absent when EMA is off).
+ITEMS = ("params", "ema_params", "opt_state")
+
+DIFFUSERS_VERSION = "0.42.1"
+PIPELINE_COMPONENTS = {
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+}
+
+Params = dict[str, Any]
+
+
+class CheckpointError(ValueError):
+    """A workdir or checkpoint that does not exist or does not hold what was asked for."""
+
+
+class Checkpoints:
+    """Saves and restores the checkpoints of one workdir, keeping the last ``keep``.
+
+    Saves are asynchronous (training continues while files are written) and atomic: Orbax writes into a temporary
+    directory and renames it when complete, so a run killed mid-save restarts from the previous checkpoint.
+    """
+
+    def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise CheckpointError(f"keep={keep}: the number of checkpoints to keep must be >= 1")
+        self.directory = Path(workdir).absolute() / CHECKPOINTS_DIR
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save interrupted by SIGKILL
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._closed = False
+
+    def latest_step(self) -> int | None:
+        """The step of the newest complete checkpoint, None when there is none."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, items: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Starts saving ``items`` (name -> pytree of arrays, device or host) and ``meta`` (JSON-able) as ``step``.
+
+        Arrays are copied to host memory before this returns, so the caller may donate or overwrite them.
+        """
+        unknown = set(items) - set(ITEMS)
+        if unknown:
+            raise CheckpointError(f"unknown checkpoint items {sorted(unknown)}; accepted: {', '.join(ITEMS)}")
+        args = {name: ocp.args.StandardSave(jax.device_get(tree)) for name, tree in items.items()}
+        args[META] = ocp.args.JsonSave({**meta, "step": int(step)})
+        self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
+
+    def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restores the items named in ``targets`` (name -> pytree giving the structure) from ``step`` (default:
+        the latest). Returns (items as host numpy pytrees, meta dict)."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; found: {self.all_steps()}")
+        args = {name: ocp.args.StandardRestore(_host_structure(tree)) for name, tree in targets.items()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args, **{META: ocp.args.JsonRestore()}))
+        return {name: restored[name] for name in targets}, dict(restored[META])
+
+    def has_item(self, name: str, step: int) -> bool:
+        """Whether checkpoint ``step`` holds item ``name``."""
+        return (self.directory / str(step) / name).is_dir()
+
+    def wait(self) -> None:
+        """Blocks until pending saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads (idempotent)."""
+        if not self._closed:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self._closed = True
+
+
+def _host_structure(tree: Any) -> Any:
+    # numpy leaves make Orbax restore numpy arrays, whatever devices (and sharding) the checkpoint was saved from.
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
+
+
+def is_workdir(path: str | Path) -> bool:
+    """Whether ``path`` is an sdjax training workdir: it has ``model/model_index.json`` and ``checkpoints/``."""
+    path = Path(path)
+    return (path / MODEL_DIR / "model_index.json").is_file() and (path / CHECKPOINTS_DIR).is_dir()
+
+
+def load_trained_params(workdir: str | Path, step: int | None = None, ema: bool = True) -> dict[str, Params]:
+    """Parameters of the components a workdir trained, from checkpoint ``step`` (default: the latest).
+
+    Returns component name ("vae" for a stage-1 workdir; "unet" and, when trained, "text_encoder" otherwise) ->
+    float32 numpy parameter tree, the EMA params when ``ema`` and the run kept them. The pipeline combines these
+    with ``workdir/model/`` (configs and the frozen components' weights).
+    """
+    workdir = Path(workdir)
+    if not is_workdir(workdir):
+        raise CheckpointError(f"{workdir} is not an sdjax workdir (expected model/model_index.json and checkpoints/)")
+    checkpoints = Checkpoints(workdir)
+    try:
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise CheckpointError(f"{workdir} has no complete checkpoint yet in {checkpoints.directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"{workdir} has no checkpoint for step {step}; available steps: {steps}")
+        item = "ema_params" if ema and checkpoints.has_item("ema_params", step) else "params"
+        restored = checkpoints.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+        return jax.tree.map(np.asarray, dict(restored[item]))
+    finally:
+        checkpoints.close()
+
+
+def component_config(module: Any) -> dict[str, Any]:
+    """The ``config.json`` contents diffusers / transformers write for ``module``'s class and config."""
+    class_name = module.config_class.class_name
+    _, library = weights.component_class(class_name)
+    config = module.config.to_dict()
+    if library == "diffusers":
+        return {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}
+    return {"architectures": [class_name], **config}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_model_folder(
+    folder: str | Path,
+    components: dict[str, tuple[Any, Params | None]],
+    *,
+    tokenizer: Any = None,
+    scheduler_config: dict[str, Any] | None = None,
+) -> None:
+    """Writes the diffusers-style ``DIR/model/`` folder of a training run, all at once.
+
+    components: name ("vae", "unet", "text_encoder") -> (flax module, params or None). Components with params
+    (the frozen ones) get config.json + safetensors; trained ones (params None) only config.json, their weights
+    live in the checkpoints. With a unet, model_index.json describes a ``StableDiffusionPipeline``; a VAE-only
+    (stage 1) folder describes an ``AutoencoderKL``. scheduler_config: a diffusers ``scheduler_config.json`` dict.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, (module, params) in components.items():
+        if params is None:
+            _write_json(tmp / name / "config.json", component_config(module))
+        else:
+            weights.save_component(module, params, tmp / name)
+    index: dict[str, Any] = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION}
+    if "unet" in components:
+        index["_class_name"] = "StableDiffusionPipeline"
+        index["safety_checker"] = index["feature_extractor"] = [None, None]
+        index["requires_safety_checker"] = False
+    index.update({name: PIPELINE_COMPONENTS[name] for name in components})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        index["tokenizer"] = PIPELINE_COMPONENTS["tokenizer"]
+    if scheduler_config is not None:
+        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
+        index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
+    index["_sdjax_trained"] = sorted(name for name, (_, params) in components.items() if params is None)
+    _write_json(tmp / "model_index.json", index)
+    # The rename makes the folder appear complete or not at all, even if the run is killed while writing.
+    os.replace(tmp, folder)

@@ -1,0 +1,70 @@
+r"""Trains an sdjax model: stage 1 (VAE) or stage 2 (latent diffusion), from scratch or fine-tuning.
+
+    python train.py --config=configs/shapes64_vae.py --workdir=workdirs/shapes64_vae
+    python train.py --config=configs/shapes64.py --workdir=workdirs/shapes64 [--config.steps=2000 ...]
+    python train.py --config=configs/shapes64.py:tiny --workdir=/tmp/tiny    # smoke-test variant of a config
+
+Every config field can be overridden with --config.<field>=<value> (ml_collections config_flags).
+
+Resuming: rerun the same command on the same --workdir. The run restores its latest checkpoint
+(workdir/checkpoints/<step>) and continues with the same data order and randomness, also after a SIGKILL.
+SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly (status 0).
+A NaN/inf loss stops the run (status 1) without saving the diverged state.
+
+Devices: the update step is pmapped over all local devices (1 CPU, N GPUs, the 4-8 cores of a TPU host);
+XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices on a CPU. The global batch
+(config.batch_size) is split evenly over all devices of all hosts.
+
+Multi-host (TPU pod slices, several GPU hosts): start the same command on every host with
+--config.distributed=True. It calls jax.distributed.initialize(), which finds the cluster by itself on Cloud TPU
+and from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or SLURM) elsewhere. Every host reads its
+own slice of each global batch; host 0 writes workdir/model, logs and samples; all hosts take part in saving
+checkpoints, so --workdir must be a shared filesystem or a gs:// bucket path mounted the same on every host.
+
+Outputs in --workdir: model/ (diffusers-style configs, tokenizer, scheduler, frozen weights), checkpoints/,
+logs/ (TensorBoard), samples/<step>.png, train_config.json. Load the result with
+sdjax.StableDiffusion.from_pretrained(workdir).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sdjax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the model folder, checkpoints, logs and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.<field>=<value>")
+    config = _CONFIG.value
+    # Orbax logs every save step by step at INFO: keep its warnings only, so the progress bar stays readable.
+    handler = logging.get_absl_handler().python_handler
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
+
+    # --- Cluster: must run before anything touches a JAX device.
+    if config.get("distributed"):
+        jax.distributed.initialize()
+    logging.info("process %d/%d, %d local devices: %s", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.local_devices())  # fmt: skip
+
+    # --- Train: sdjax's own errors (bad config, data, weights; divergence) end the run with one clear line;
+    # anything else is a bug and keeps its traceback.
+    try:
+        loop.train_and_evaluate(config, _WORKDIR.value)
+    except (loop.NonFiniteLossError, ValueError) as e:
+        if not type(e).__module__.startswith("sdjax"):
+            raise
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"train.py: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
