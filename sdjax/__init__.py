@@ -1,8 +1,8 @@
 """sdjax: Stable Diffusion (latent diffusion) in JAX/Flax.
 
-    import sdjax
-    pipe = sdjax.StableDiffusion.from_pretrained("path/to/diffusers-folder")
-    images = pipe.generate(["a red circle on a blue background"], num_inference_steps=50)  # (N, H, W, 3) in [0, 1]
+import sdjax
+pipe = sdjax.StableDiffusion.from_pretrained("path/to/diffusers-folder")
+images = pipe.generate(["a red circle on a blue background"], num_inference_steps=50)  # (N, H, W, 3) in [0, 1]
 """
 
 from typing import Any
