@@ -245,3 +245,21 @@ def test_single_file_checkpoint_generates_what_the_folder_does(reference, tmp_pa
     )
     kwargs = dict(num_inference_steps=3, seed=0, latents=initial_noise(), height=16, width=16)
     np.testing.assert_allclose(single.generate(PROMPTS, **kwargs), pipe.generate(PROMPTS, **kwargs), atol=1e-5)
+
+
+def test_bfloat16_pipeline_stays_close_to_float32(reference):
+    import jax.numpy as jnp
+
+    _, folder, pipe = reference
+    half = sdjax.StableDiffusion.from_pretrained(folder, dtype=jnp.bfloat16)
+    assert jax.tree.leaves(half.params["unet"])[0].dtype == jnp.bfloat16
+    kwargs = dict(num_inference_steps=10, seed=0, latents=initial_noise())
+    error = np.abs(half.generate(PROMPTS, **kwargs) - pipe.generate(PROMPTS, **kwargs)).mean()
+    assert error < 0.05  # mean abs pixel difference; sampler state stays float32
+
+
+def test_progress_bar_changes_nothing(reference, capsys):
+    _, _, pipe = reference
+    kwargs = dict(num_inference_steps=3, seed=2)
+    np.testing.assert_array_equal(pipe.generate(PROMPTS, progress=True, **kwargs), pipe.generate(PROMPTS, **kwargs))
+    assert "sampling" in capsys.readouterr().err
