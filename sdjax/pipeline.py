@@ -227,7 +227,7 @@ class StableDiffusion:
         devices = jax.local_devices()
         d = min(len(devices), n)
         per_device = -(-n // d)
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
+        keys = _image_keys(seed, n)
         args = [noise, context, uncond, jax.random.key_data(keys)]
         if init is not None:
             args.append(jnp.broadcast_to(init, (n, *init.shape)))
@@ -267,8 +267,7 @@ class StableDiffusion:
             if latents.shape != (n, *shape):
                 raise PipelineError(f"latents must have shape {(n, *shape)} (N, H/8, W/8, C), got {latents.shape}")
             return latents
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
-        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _INITIAL_NOISE), shape))(_image_keys(seed, n))
 
     def _replicated_params(self, devices: list[Any]) -> Any:
         key = tuple(d.id for d in devices)
@@ -280,6 +279,16 @@ class StableDiffusion:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+# Image i's random streams all derive from fold_in(key(seed), i), each under its own tag, so that the initial
+# noise, the img2img posterior sample and the sampler's per-step noise are independent of one another.
+_INITIAL_NOISE, _POSTERIOR, _SAMPLER = 0, 1, 2
+
+
+def _image_keys(seed: int, n: int) -> jax.Array:
+    """(n,) PRNG keys, key i = fold_in(key(seed), i): image i's randomness whatever the batch split."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
 
 
 def _read_model_index(path: Path) -> dict[str, Any]:
@@ -377,12 +386,13 @@ def _generate_fn(unet, vae, plan, do_cfg: bool, img2img: bool, num_devices: int,
         if init is None:
             x = samplers.initial_latents(plan, noise)
         else:
-            enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+            enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, _POSTERIOR))(keys)
             posterior = vae.apply({"params": params["vae"]}, init.astype(vae.dtype), method=vae.encode)
             eps = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:]))(enc_keys)
             z = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
             x = samplers.noised_latents(plan, z.astype(jnp.float32) * vae.config.scaling_factor, noise)
-        x0 = samplers.sample(plan, model_fn, x, keys, eta=eta, progress=bar)
+        sampler_keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER))(keys)
+        x0 = samplers.sample(plan, model_fn, x, sampler_keys, eta=eta, progress=bar)
         z = x0 / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
