@@ -32,7 +32,7 @@ META = "meta"
 # Items of one checkpoint; only "params" is required (ema_params is absent when EMA is off).
 ITEMS = ("params", "ema_params", "opt_state")
 
-DIFFUSERS_VERSION = "0.42.1"
+DIFFUSERS_VERSION = weights.DIFFUSERS_VERSION
 PIPELINE_COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
@@ -149,16 +149,6 @@ def load_trained_params(workdir: str | Path, step: int | None = None, ema: bool 
         checkpoints.close()
 
 
-def component_config(module: Any) -> dict[str, Any]:
-    """The ``config.json`` contents diffusers / transformers write for ``module``'s class and config."""
-    class_name = module.config_class.class_name
-    _, library = weights.component_class(class_name)
-    config = module.config.to_dict()
-    if library == "diffusers":
-        return {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}
-    return {"architectures": [class_name], **config}
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
@@ -183,7 +173,7 @@ def write_model_folder(
     shutil.rmtree(tmp, ignore_errors=True)
     for name, (module, params) in components.items():
         if params is None:
-            _write_json(tmp / name / "config.json", component_config(module))
+            _write_json(tmp / name / "config.json", weights.component_config(module))
         else:
             weights.save_component(module, params, tmp / name)
     index: dict[str, Any] = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION}

@@ -143,7 +143,7 @@ class StableDiffusion:
         (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         index = {
             "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": "0.42.1",
+            "_diffusers_version": weights.DIFFUSERS_VERSION,
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"],

@@ -35,6 +35,7 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "AutoencoderKL": ("sdjax.models.vae", "diffusers"),
     "CLIPTextModel": ("sdjax.models.clip", "transformers"),
 }
+DIFFUSERS_VERSION = "0.42.1"  # written into exported configs: the diffusers release sdjax is tested against
 WEIGHTS_NAME = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 
 Params = dict[str, Any]
@@ -266,19 +267,23 @@ def load_component(folder: str | Path, dtype: Any = jnp.float32, variant: str | 
     return module, jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
 
 
+def component_config(module: Any) -> dict[str, Any]:
+    """The ``config.json`` contents diffusers / transformers write for ``module``'s class and config."""
+    class_name = module.config_class.class_name
+    _, library = component_class(class_name)
+    config = module.config.to_dict()
+    if library == "diffusers":
+        return {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}
+    return {"architectures": [class_name], **config}
+
+
 def save_component(module: Any, params: Params, folder: str | Path, dtype: Any = np.float32) -> None:
     """Writes ``module`` and ``params`` as a diffusers/transformers component folder (config.json + safetensors)
     that the PyTorch libraries load."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    class_name = module.config_class.class_name
-    _, library = component_class(class_name)
-    config = module.config.to_dict()
-    if library == "diffusers":
-        config = {"_class_name": class_name, "_diffusers_version": "0.42.1", **config}
-    else:
-        config = {"architectures": [class_name], **config}
+    _, library = component_class(module.config_class.class_name)
     state = flax_to_torch(params, renames=getattr(module, "torch_export_renames", ()))
     state = {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in state.items()}
     save_file(state, str(folder / f"{WEIGHTS_NAME[library]}.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(component_config(module), indent=2) + "\n")

@@ -150,3 +150,65 @@ def test_component_folder_errors(tmp_path):
         WeightsError, match="unsupported component class 'UNet2DModel'.*supported: UNet2DConditionModel"
     ):
         weights.load_component(tmp_path)
+
+
+TINY_VAE = dict(
+    block_out_channels=[8, 16],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    norm_num_groups=4,
+    layers_per_block=1,
+    sample_size=16,
+)
+
+
+@pytest.fixture
+def vae_folder(tmp_path):
+    from sdjax.models.vae import AutoencoderKL, AutoencoderKLConfig
+
+    vae = AutoencoderKL(AutoencoderKLConfig.from_dict(TINY_VAE))
+    params = vae.init(jax.random.key(0), *vae.dummy_inputs())["params"]
+    weights.save_component(vae, params, tmp_path)
+    return tmp_path
+
+
+def rewrite_weights(folder, edit):
+    from safetensors.numpy import load_file
+
+    file = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(file))
+    edit(state)
+    save_file(state, str(file))
+
+
+def test_saved_component_loads_back_identically(vae_folder):
+    module, params = weights.load_component(vae_folder)
+    module2, params2 = weights.load_component(vae_folder)
+    assert module.config == module2.config
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, params2))
+
+
+def test_component_with_missing_unexpected_and_mismatched_keys_is_one_error(vae_folder):
+    def edit(state):
+        del state["decoder.conv_out.bias"]
+        state["encoder.extra.weight"] = np.zeros(3, np.float32)
+        state["quant_conv.weight"] = np.zeros((8, 8, 3, 3), np.float32)
+
+    rewrite_weights(vae_folder, edit)
+    with pytest.raises(WeightsError) as e:
+        weights.load_component(vae_folder)
+    message = str(e.value)
+    assert "AutoencoderKL" in message and str(vae_folder) in message
+    assert "1 missing (decoder.conv_out.bias)" in message
+    assert "1 unexpected (encoder.extra.weight)" in message
+    assert "1 shape-mismatched (quant_conv.weight (3, 3, 8, 8) vs model (1, 1, 8, 8))" in message
+
+
+def test_component_config_with_unsupported_fields_is_one_error(vae_folder):
+    from sdjax.models.config import UnsupportedConfigError
+
+    config = json.loads((vae_folder / "config.json").read_text())
+    config["act_fn"] = "gelu"
+    (vae_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedConfigError, match="act_fn='gelu'"):
+        weights.load_component(vae_folder)
