@@ -270,10 +270,12 @@ class StableDiffusion:
         return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _INITIAL_NOISE), shape))(_image_keys(seed, n))
 
     def _replicated_params(self, devices: list[Any]) -> Any:
+        wanted = {"unet": self.params["unet"], "vae": self.params["vae"]}
+        if len(devices) == 1:
+            return wanted
         key = tuple(d.id for d in devices)
         if key not in self._replicated:  # replicate once per device set, reuse across generate() calls
             self._replicated.clear()
-            wanted = {"unet": self.params["unet"], "vae": self.params["vae"]}
             self._replicated[key] = parallel.replicate(wanted, devices)
         return self._replicated[key]
 
@@ -399,7 +401,13 @@ def _generate_fn(unet, vae, plan, do_cfg: bool, img2img: bool, num_devices: int,
         image = vae.apply({"params": params["vae"]}, z.astype(vae.dtype), method=vae.decode)
         return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-    return jax.pmap(generate)
+    if num_devices > 1:
+        return jax.pmap(generate)
+
+    def on_one_device(params, *args):  # no replicated copy of the params: jit with the device axis of size 1
+        return generate(params, *(a[0] for a in args))[None]
+
+    return jax.jit(on_one_device)
 
 
 def plan_length(plan: Any) -> int:
