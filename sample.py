@@ -5,7 +5,8 @@
         --negative-prompt "blurry" --num-images 4 --steps 50 --guidance 7.5 --sampler dpmpp_2m --out out/
     python sample.py --model DIR --prompt "..." --init-image photo.png --strength 0.6 --out out/
 
---model takes a diffusers folder or an sdjax training workdir; without it, the model shipped in models/shapes64.
+--model takes a diffusers folder, an sdjax training workdir or a single-file .safetensors checkpoint (with
+--tokenizer DIR, and --prediction-type v_prediction for SD 2.x 768-v); without it, models/shapes64.
 Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance in its text metadata) and
 grid.png, and prints the compile time and the time per image.
 """
@@ -38,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--model", default=None, help=f"diffusers folder or sdjax workdir (default {DEFAULT_MODEL})")
+    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (single-file checkpoints only)")
+    parser.add_argument(
+        "--prediction-type",
+        default=None,
+        choices=("epsilon", "v_prediction"),
+        help="single-file checkpoints only: v_prediction for SD 2.x 768-v (not recorded in the weights)",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--init-image", default=None, help="image file for image-to-image")
     parser.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the schedule re-run")
@@ -57,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         negative = negative[0]
     try:
         start = time.perf_counter()
-        pipe = sdjax.StableDiffusion.from_pretrained(model, dtype=jnp.dtype(args.dtype))
+        pipe = sdjax.StableDiffusion.from_pretrained(
+            model, dtype=jnp.dtype(args.dtype), tokenizer_path=args.tokenizer, prediction_type=args.prediction_type
+        )
         load_s = time.perf_counter() - start
         images = pipe.generate(
             args.prompt,
