@@ -35,7 +35,7 @@ class CLIPTextConfig(ModelConfig):
     """
 
     class_name: ClassVar[str] = "CLIPTextModel"
-    # Dropout is a training-time feature; sdjax never trains the text encoder, so only 0.0 is accepted.
+    # Dropout is not implemented (SD text encoders use none, shapes64 trains its own without it): only 0.0 is accepted.
     noop_fields: ClassVar[dict[str, Any]] = {"model_type": "clip_text_model", "attention_dropout": 0.0, "dropout": 0.0}
     # Bookkeeping and init-only fields: they never change the forward pass.
     ignored_fields: ClassVar[frozenset[str]] = frozenset(
