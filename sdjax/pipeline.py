@@ -364,7 +364,8 @@ def _encode_text(text_encoder: Any, params: Any, input_ids: jax.Array) -> jax.Ar
 
 @functools.lru_cache(maxsize=16)
 def _generate_fn(unet, vae, plan, do_cfg: bool, img2img: bool, num_devices: int, progress: bool):
-    """The pmapped sampler: (params, [guidance, eta], noise, context, uncond, keys[, init]) -> images."""
+    """The compiled sampler, pmapped over 2+ devices (jit on one): (params, [guidance, eta], noise, context,
+    uncond, keys[, init]), each with a leading device axis -> images (devices, per-device batch, H, W, 3)."""
     bar = _ProgressBar(plan_length(plan), num_devices) if progress else None
 
     def generate(params, scalars, noise, context, uncond, key_data, init=None):
