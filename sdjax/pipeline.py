@@ -26,6 +26,8 @@ PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 # Components a diffusers SD folder may list that sdjax does not use (no safety checker: see README).
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 TRACE_COUNT = 0  # how many times the sampling function was traced (compiled)
+# Weight dtypes save_pretrained writes (safetensors' numpy API has no bfloat16).
+_SAVE_DTYPES = {"float32": np.float32, "float16": np.float16}
 NETWORKS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
 
 
@@ -131,12 +133,17 @@ class StableDiffusion:
             scheduler_class=index.get("scheduler", [None, "DDIMScheduler"])[1],
         )
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Writes a diffusers-format folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads."""
+    def save_pretrained(self, path: str | os.PathLike, dtype: str = "float32") -> None:
+        """Writes a diffusers-format folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads.
+
+        ``dtype`` is the stored weights' dtype, "float32" or "float16" (half the size; loading casts them to the
+        ``dtype`` passed to :meth:`from_pretrained`)."""
+        if dtype not in _SAVE_DTYPES:
+            raise PipelineError(f"cannot save weights as {dtype!r}; accepted: {', '.join(_SAVE_DTYPES)}")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for name, module in self.modules.items():
-            weights.save_component(module, self.params[name], path / name)
+            weights.save_component(module, self.params[name], path / name, dtype=_SAVE_DTYPES[dtype])
         self.tokenizer.save_pretrained(str(path / "tokenizer"))
         (path / "scheduler").mkdir(exist_ok=True)
         scheduler = {"_class_name": self.scheduler_class, "skip_prk_steps": True, **self.schedule.to_dict()}

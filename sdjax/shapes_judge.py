@@ -12,10 +12,11 @@ It scores a trained shapes64 model: generate an image for a caption, judge it, c
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
-from sdjax.data.shapes64 import COLORS, PALETTE, SHAPES
+from sdjax.data.shapes64 import CAPTION_TEMPLATE, COLORS, PALETTE, SHAPES
 
 _PALETTE_RGB = np.asarray([PALETTE[c] for c in COLORS], np.float32)
 # A pixel is "maybe foreground" when this far (RGB euclidean, 0-255) from the background colour: at
@@ -155,3 +156,72 @@ def accuracy(images: np.ndarray, captions: list[str]) -> dict[str, float]:
             hits[key] += ok
         hits["all"] += all(matches.values())
     return {key: count / max(1, len(captions)) for key, count in hits.items()}
+
+
+def eval_prompts() -> list[str]:
+    """The evaluation prompts: every ordered (colour, background) pair of different palette colours once (30),
+    the shape cycling through circle, square, triangle, so each shape gets 10 prompts and each colour is the
+    foreground 5 times and the background 5 times."""
+    pairs = [(c, b) for c in COLORS for b in COLORS if c != b]
+    return [
+        CAPTION_TEMPLATE.format(color=c, shape=SHAPES[i % len(SHAPES)], background=b) for i, (c, b) in enumerate(pairs)
+    ]
+
+
+def evaluate(
+    pipe: Any, prompts: list[str] | None = None, num_images_per_prompt: int = 4, **generate_kwargs: Any
+) -> tuple[dict[str, float], np.ndarray]:
+    """Generates ``num_images_per_prompt`` images per prompt with ``pipe.generate`` (its defaults: 50 DDIM steps,
+    guidance 7.5, seed 0, unless ``generate_kwargs`` say otherwise) and judges them.
+
+    Returns (accuracy dict as :func:`accuracy`, images (N, H, W, 3) uint8 with N = len(prompts) *
+    num_images_per_prompt, prompt-major)."""
+    prompts = eval_prompts() if prompts is None else list(prompts)
+    images = pipe.generate(prompts, num_images_per_prompt=num_images_per_prompt, **generate_kwargs)
+    captions = [p for p in prompts for _ in range(num_images_per_prompt)]
+    return accuracy(images, captions), images
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sdjax.shapes_judge [MODEL] [--num-images N] [--steps S] [--guidance G] [--grid PNG]``: scores a
+    shapes64 model on :func:`eval_prompts` and prints the accuracy table."""
+    import argparse
+    import time
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Score a shapes64 text-to-image model with the shapes judge.")
+    parser.add_argument("model", nargs="?", default=str(Path(__file__).resolve().parents[1] / "models" / "shapes64"))
+    parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default=None, help="also save the images as one PNG grid (a row per prompt)")
+    args = parser.parse_args(argv)
+
+    from sdjax.images import image_grid, save_png
+    from sdjax.pipeline import StableDiffusion
+
+    start = time.perf_counter()
+    pipe = StableDiffusion.from_pretrained(args.model)
+    scores, images = evaluate(
+        pipe,
+        num_images_per_prompt=args.num_images,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        sampler=args.sampler,
+        seed=args.seed,
+    )
+    print(
+        f"{len(images)} images ({len(eval_prompts())} prompts x {args.num_images}), {args.steps} {args.sampler} "
+        f"steps, guidance {args.guidance}, seed {args.seed}: {time.perf_counter() - start:.1f} s"
+    )
+    print("| colour | shape | background | all three |\n|---|---|---|---|")
+    print("| " + " | ".join(f"{100 * scores[k]:.1f}%" for k in ("color", "shape", "background", "all")) + " |")
+    if args.grid:
+        save_png(image_grid(images, cols=args.num_images), Path(args.grid))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
