@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sdjax import weights
+from sdjax.tokenizer import save_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
@@ -183,7 +184,7 @@ def write_model_folder(
         index["requires_safety_checker"] = False
     index.update({name: PIPELINE_COMPONENTS[name] for name in components})
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        save_tokenizer(tokenizer, tmp / "tokenizer")
         index["tokenizer"] = PIPELINE_COMPONENTS["tokenizer"]
     if scheduler_config is not None:
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)

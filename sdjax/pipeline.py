@@ -144,7 +144,7 @@ class StableDiffusion:
         path.mkdir(parents=True, exist_ok=True)
         for name, module in self.modules.items():
             weights.save_component(module, self.params[name], path / name, dtype=_SAVE_DTYPES[dtype])
-        self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        tokenizer.save_tokenizer(self.tokenizer, path / "tokenizer")
         (path / "scheduler").mkdir(exist_ok=True)
         scheduler = {"_class_name": self.scheduler_class, "skip_prk_steps": True, **self.schedule.to_dict()}
         (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")

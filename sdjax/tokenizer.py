@@ -138,6 +138,23 @@ def build_tokenizer(
     return load_tokenizer(out_dir)
 
 
+def save_tokenizer(tok: transformers.PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> None:
+    """Saves a CLIP tokenizer in both layouts: transformers' ``save_pretrained`` files (tokenizer.json,
+    tokenizer_config.json) and CLIP's own vocab.json + merges.txt, as the Hugging Face CLIP repositories ship it.
+
+    transformers 5 saves only tokenizer.json; the vocab and merges are read back from its BPE model, so any
+    CLIPTokenizer (or the original CLIP code) loads the folder."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save_pretrained(os.fspath(out_dir))
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"cannot write vocab.json + merges.txt for a {model.get('type')} tokenizer; CLIP is BPE")
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    _write_json(os.path.join(out_dir, "vocab.json"), model["vocab"])
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)

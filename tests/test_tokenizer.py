@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import regex
+import transformers
 
 from sdjax import tokenizer as T
 
@@ -134,6 +135,21 @@ def test_tokenize_rejects_a_bare_string(tok):
 def test_load_tokenizer_reads_the_tokenizer_subfolder_of_a_diffusers_folder(tok_dir, tmp_path):
     (tmp_path / "tokenizer").symlink_to(tok_dir, target_is_directory=True)
     assert T.load_tokenizer(tmp_path).tokenize("red circle") == ["red</w>", "circle</w>"]
+
+
+def test_save_tokenizer_writes_clips_own_files_that_load_alone(tok, tok_dir, tmp_path):
+    """transformers 5 saves tokenizer.json only; save_tokenizer also writes vocab.json + merges.txt, and those two
+    files alone give a CLIPTokenizer with the same ids (on text outside the training captions too)."""
+    T.save_tokenizer(tok, tmp_path / "saved")
+    assert {"tokenizer.json", "vocab.json", "merges.txt"} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    (tmp_path / "only").mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "only" / name).write_bytes((tmp_path / "saved" / name).read_bytes())
+    vocab = json.loads((tmp_path / "only" / "vocab.json").read_text())
+    assert vocab == json.loads((tok_dir / "vocab.json").read_text())  # what build_tokenizer wrote
+    alone = transformers.CLIPTokenizer.from_pretrained(tmp_path / "only")
+    for text in ("a red circle on a blue background", "A Yellow TRIANGLE, on black!!", "zebras 42"):
+        assert alone(text).input_ids == tok(text).input_ids
 
 
 def test_load_tokenizer_without_files_raises_a_clear_error(tmp_path):
