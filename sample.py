@@ -14,11 +14,15 @@ grid.png, and prints the compile time and the time per image.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
+# sdjax needs only transformers' tokenizer: silence its "PyTorch was not found" advice in this CLI.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import jax.numpy as jnp  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes64"
 
