@@ -129,8 +129,7 @@ def build_tokenizer(
     if os.path.exists(stale):
         os.remove(stale)
     _write_json(os.path.join(out_dir, "vocab.json"), _clip_vocab(merges))
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    _write_merges(os.path.join(out_dir, "merges.txt"), merges)
     specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
     _write_json(os.path.join(out_dir, "special_tokens_map.json"), specials)
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "do_lower_case": True}
@@ -151,7 +150,11 @@ def save_tokenizer(tok: transformers.PreTrainedTokenizerBase, out_dir: str | os.
         raise TokenizerError(f"cannot write vocab.json + merges.txt for a {model.get('type')} tokenizer; CLIP is BPE")
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     _write_json(os.path.join(out_dir, "vocab.json"), model["vocab"])
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+    _write_merges(os.path.join(out_dir, "merges.txt"), merges)
+
+
+def _write_merges(path: str, merges) -> None:
+    with open(path, "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
