@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,6 @@ import numpy as np
 
 from sdjax import schedule
 from sdjax.schedule import ScheduleConfig
-
-SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "heun")
-KARRAS_SAMPLERS: tuple[str, ...] = ("euler", "euler_ancestral", "dpmpp_2m", "heun")
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -92,12 +90,15 @@ def make_plan(
 ) -> SamplerPlan:
     """Plans ``num_steps`` steps of ``sampler`` as diffusers would with ``cfg`` (an SD scheduler config).
 
-    strength < 1 is img2img: only the last ``int(num_steps * strength)`` steps run, as diffusers'
-    ``StableDiffusionImg2ImgPipeline.get_timesteps``. ``use_karras_sigmas`` defaults to the config's value
-    (which non-sigma samplers ignore); passing True for a sampler without sigmas is an error.
+    The config is first resolved for the sampler's diffusers class (``cfg.for_class``): fields a config file
+    left out take that class's defaults, so a published SD 1.5 folder runs euler with "linspace" spacing and
+    ddim with "leading", as diffusers does. strength < 1 is img2img: only the last ``int(num_steps * strength)``
+    steps run, as diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``. ``use_karras_sigmas`` defaults to
+    the config's value (for the classes that read it); passing True for a sampler without sigmas is an error.
     """
-    if sampler not in SAMPLERS:
+    if sampler not in REGISTRY:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    record = REGISTRY[sampler]
     max_steps = cfg.num_train_timesteps
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= max_steps:
         raise ValueError(f"num_steps must be an int in [1, {max_steps}] (num_train_timesteps), got {num_steps!r}")
@@ -105,15 +106,16 @@ def make_plan(
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
     if int(num_steps * strength) < 1:
         raise ValueError(f"strength * num_steps must be >= 1 so that a step runs; got {strength} * {num_steps}")
-    if use_karras_sigmas and sampler not in KARRAS_SAMPLERS:
+    if use_karras_sigmas and not record.karras:
         raise ValueError(f"Karras sigmas apply only to samplers {', '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
+    cfg = cfg.for_class(record.scheduler_class)
     if sampler == "pndm" and cfg.prediction_type == "sample":
         raise ValueError("pndm accepts prediction_type epsilon or v_prediction, not 'sample'")
     karras = cfg.use_karras_sigmas if use_karras_sigmas is None else use_karras_sigmas
     t_start = num_steps - int(num_steps * strength)
     with jax.ensure_compile_time_eval():  # plans are host data, even when made inside a jit trace
         ac = np.asarray(schedule.alphas_cumprod(cfg))
-    if sampler in KARRAS_SAMPLERS and cfg.rescale_betas_zero_snr:
+    if record.karras and cfg.rescale_betas_zero_snr:
         ac = ac.copy()
         ac[-1] = 2.0**-24  # as diffusers: keeps sigma_max finite
     common = dict(
@@ -121,7 +123,7 @@ def make_plan(
         prediction_type=cfg.prediction_type,
         clip_sample_range=cfg.clip_sample_range if cfg.clip_sample else None,
     )
-    return _PLANNERS[sampler](cfg, ac, num_steps, t_start, karras, common)
+    return record.plan(cfg, ac, num_steps, t_start, karras, common)
 
 
 def _alpha_at(ac: np.ndarray, t: np.ndarray, final: float) -> np.ndarray:
@@ -181,14 +183,26 @@ def _sigma_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
     return schedule.inference_timesteps(cfg, num_steps).astype(np.float32)
 
 
+def _final_sigma(cfg: ScheduleConfig, ac: np.ndarray) -> float:
+    """The level the last step lands on: 0, or sigma at t = 0 for ``final_sigmas_type="sigma_min"``."""
+    return float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg.final_sigmas_type == "sigma_min" else 0.0
+
+
 def _discrete_sigmas(ac: np.ndarray, cfg: ScheduleConfig, num_steps: int, karras: bool):
-    """Sigmas (N + 1, trailing 0) and model timesteps (N,) as Euler/Heun ``set_timesteps``."""
+    """Sigmas (N + 1 levels, the last from ``final_sigmas_type``) and model timesteps (N,) as Euler/Heun
+    ``set_timesteps``. ``interpolation_type="log_linear"`` spaces N + 1 levels evenly in log sigma and, as
+    diffusers, keeps the "linspace" model timesteps and runs the first N + 1 levels (ending at sigma_min)."""
     ts = _sigma_timesteps(cfg, num_steps)
-    sigmas = np.interp(ts, np.arange(len(ac)), ((1 - ac) / ac) ** 0.5)
+    all_sigmas = ((1 - ac) / ac) ** 0.5
+    if cfg.interpolation_type == "log_linear":
+        sigmas = np.exp(np.linspace(np.log(all_sigmas[-1]), np.log(all_sigmas[0]), num_steps + 1, dtype=np.float32))
+    else:
+        sigmas = np.interp(ts, np.arange(len(ac)), all_sigmas)
     if karras:
         sigmas = schedule.karras_sigmas(sigmas[-1], sigmas[0], num_steps)
         ts = schedule.timesteps_from_sigmas(sigmas, ac)
-    return np.append(sigmas, 0.0).astype(np.float32), ts.astype(np.float32)
+    sigmas = np.append(sigmas, _final_sigma(cfg, ac))[: num_steps + 1]
+    return sigmas.astype(np.float32), ts.astype(np.float32)
 
 
 def _init_noise_sigma(cfg: ScheduleConfig, sigmas: np.ndarray) -> float:
@@ -247,10 +261,13 @@ def _plan_dpmpp_2m(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
         ts = ts if cfg.beta_schedule == "squaredcos_cap_v2" else ts.round()
     else:
         sigmas = np.interp(ts, np.arange(len(ac)), sigmas_all)
-    sigmas = np.append(sigmas, 0.0).astype(np.float32)
+    sigmas = np.append(sigmas, _final_sigma(cfg, ac)).astype(np.float32)
     i = np.arange(t_start, num_steps)
-    # First order on the first step (no history) and the last (sigma_next = 0), as diffusers.
-    orders = np.where((i == t_start) | (i == num_steps - 1), 1, 2)
+    # First order on the first step (no history) and, by diffusers' rule, on the last one.
+    final_first_order = (
+        cfg.euler_at_final or (cfg.lower_order_final and num_steps < 15) or cfg.final_sigmas_type == "zero"
+    )
+    orders = np.where((i == t_start) | ((i == num_steps - 1) & final_first_order), 1, 2)
     alpha0 = np.float32(1) / np.sqrt(sigmas[t_start] ** 2 + np.float32(1))
     return SamplerPlan(
         timesteps=_floats(ts[i]),
@@ -406,35 +423,60 @@ def step_dpmpp_2m(plan, x, state, out, s, noise, eta):
     return x_t, (x0,)
 
 
-_PLANNERS = {
-    "ddim": _plan_ddim,
-    "ddpm": _plan_ddpm,
-    "pndm": _plan_pndm,
-    "euler": _plan_euler,
-    "euler_ancestral": _plan_euler,
-    "dpmpp_2m": _plan_dpmpp_2m,
-    "heun": _plan_heun,
-}
-_STEPS = {
-    "ddim": step_ddim,
-    "ddpm": step_ddpm,
-    "pndm": step_pndm,
-    "euler": step_euler,
-    "euler_ancestral": step_euler_ancestral,
-    "dpmpp_2m": step_dpmpp_2m,
-    "heun": step_heun,
-}
-
-
-def _initial_state(name: str, x: jnp.ndarray):
-    zeros = jnp.zeros_like(x)
-    if name == "pndm":
-        return jnp.zeros((3,) + x.shape, x.dtype), zeros
-    if name == "heun":
-        return zeros, jnp.zeros((), x.dtype), zeros
-    if name == "dpmpp_2m":
-        return (zeros,)
+def _no_state(x: jnp.ndarray):
     return ()
+
+
+def _pndm_state(x: jnp.ndarray):
+    return jnp.zeros((3,) + x.shape, x.dtype), jnp.zeros_like(x)  # last 3 model outputs, first-step sample
+
+
+def _heun_state(x: jnp.ndarray):
+    return jnp.zeros_like(x), jnp.zeros((), x.dtype), jnp.zeros_like(x)  # predictor slope, dt, sample
+
+
+def _dpm_state(x: jnp.ndarray):
+    return (jnp.zeros_like(x),)  # previous x0 prediction
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Everything about one sampler, in one record: the diffusers scheduler class it reproduces (whose
+    defaults fill what a scheduler config leaves out), the host-side planner, the per-evaluation step, the
+    scan state it carries, whether it draws fresh noise at every evaluation and whether it takes Karras
+    sigmas. A new sampler is one more record in :data:`REGISTRY`."""
+
+    name: str
+    scheduler_class: str
+    plan: Callable[..., SamplerPlan]
+    step: Callable[..., tuple[jnp.ndarray, Any]]
+    initial_state: Callable[[jnp.ndarray], Any]
+    stochastic: bool = False
+    karras: bool = False
+
+
+REGISTRY: dict[str, Sampler] = {
+    s.name: s
+    for s in (
+        Sampler("ddim", "DDIMScheduler", _plan_ddim, step_ddim, _no_state),  # stochastic only when eta > 0
+        Sampler("ddpm", "DDPMScheduler", _plan_ddpm, step_ddpm, _no_state, stochastic=True),
+        Sampler("pndm", "PNDMScheduler", _plan_pndm, step_pndm, _pndm_state),
+        Sampler("euler", "EulerDiscreteScheduler", _plan_euler, step_euler, _no_state, karras=True),
+        Sampler(
+            "euler_ancestral",
+            "EulerAncestralDiscreteScheduler",
+            _plan_euler,
+            step_euler_ancestral,
+            _no_state,
+            stochastic=True,
+            karras=True,
+        ),
+        Sampler("dpmpp_2m", "DPMSolverMultistepScheduler", _plan_dpmpp_2m, step_dpmpp_2m, _dpm_state, karras=True),
+        Sampler("heun", "HeunDiscreteScheduler", _plan_heun, step_heun, _heun_state, karras=True),
+    )
+}
+SAMPLERS: tuple[str, ...] = tuple(REGISTRY)
+KARRAS_SAMPLERS: tuple[str, ...] = tuple(name for name, s in REGISTRY.items() if s.karras)
 
 
 # ------------------------------------------------------------------------------------------------ public loop
@@ -491,11 +533,9 @@ def sample(
     deterministic, 1 = DDPM-like), may be traced; ignored by other samplers. progress: optional host callback
     called with each evaluation index. Returns float32 (B, H, W, C).
     """
-    step = _STEPS[plan.name]
+    record = REGISTRY[plan.name]
     # Drawing noise nobody uses still costs a threefry compile; a literal eta = 0 makes DDIM deterministic.
-    stochastic = plan.name in ("ddpm", "euler_ancestral") or (
-        plan.name == "ddim" and not (isinstance(eta, (int, float)) and eta == 0)
-    )
+    stochastic = record.stochastic or (plan.name == "ddim" and not (isinstance(eta, (int, float)) and eta == 0))
 
     def body(carry, s):
         x, state = carry
@@ -503,8 +543,8 @@ def sample(
             jax.debug.callback(lambda i: progress(int(i)), s["index"])
         out = model_fn(x * s["c_in"], s["timesteps"]).astype(jnp.float32)
         noise = _step_noise(rng, s["index"], x.shape) if stochastic else None
-        return step(plan, x, state, out, s, noise, eta), None
+        return record.step(plan, x, state, out, s, noise, eta), None
 
     x = x.astype(jnp.float32)
-    (x, _), _ = jax.lax.scan(body, (x, _initial_state(plan.name, x)), _plan_rows(plan))
+    (x, _), _ = jax.lax.scan(body, (x, record.initial_state(x)), _plan_rows(plan))
     return x

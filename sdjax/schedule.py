@@ -20,11 +20,112 @@ import numpy as np
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+INTERPOLATION_TYPES = ("linear", "log_linear")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
+# diffusers (0.42) scheduler classes: the __init__ defaults of every config field sdjax reads. When a
+# scheduler_config.json leaves a field out, the class that runs fills in its own default, so the same file
+# means "linspace" spacing to EulerDiscreteScheduler and "leading" to DDIMScheduler. A field a class does not
+# take is ignored by that class (diffusers keeps it only as a hidden attribute), and so by sdjax.
+_BASE_DEFAULTS = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    steps_offset=0,
+)
+_NOT_SIGMA = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": dict(
+        _BASE_DEFAULTS,
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        rescale_betas_zero_snr=False,
+        thresholding=False,
+    ),
+    "DDPMScheduler": dict(
+        _BASE_DEFAULTS,
+        clip_sample=True,
+        clip_sample_range=1.0,
+        rescale_betas_zero_snr=False,
+        thresholding=False,
+        variance_type="fixed_small",
+    ),
+    "PNDMScheduler": dict(_BASE_DEFAULTS, set_alpha_to_one=False, skip_prk_steps=False),
+    "EulerDiscreteScheduler": dict(
+        _BASE_DEFAULTS,
+        **_NOT_SIGMA,
+        timestep_spacing="linspace",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        rescale_betas_zero_snr=False,
+        final_sigmas_type="zero",
+        timestep_type="discrete",
+        sigma_min=None,
+        sigma_max=None,
+    ),
+    "EulerAncestralDiscreteScheduler": dict(_BASE_DEFAULTS, timestep_spacing="linspace", rescale_betas_zero_snr=False),
+    "DPMSolverMultistepScheduler": dict(
+        _BASE_DEFAULTS,
+        **_NOT_SIGMA,
+        timestep_spacing="linspace",
+        use_karras_sigmas=False,
+        rescale_betas_zero_snr=False,
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        euler_at_final=False,
+        solver_order=2,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        thresholding=False,
+        use_lu_lambdas=False,
+        use_flow_sigmas=False,
+        lambda_min_clipped=-math.inf,
+        variance_type=None,
+    ),
+    "HeunDiscreteScheduler": dict(
+        _BASE_DEFAULTS,
+        **_NOT_SIGMA,
+        beta_start=0.00085,
+        beta_end=0.012,
+        timestep_spacing="linspace",
+        use_karras_sigmas=False,
+        clip_sample=False,
+        clip_sample_range=1.0,
+    ),
+}
+# Scheduler fields sdjax does not model: the values its samplers implement (other values are refused, by name,
+# when the sampler's class reads the field). A field absent here and from ScheduleConfig is ignored.
+IMPLEMENTED_VALUES: dict[str, tuple[Any, ...]] = {
+    "thresholding": (False,),
+    "variance_type": ("fixed_small", None),
+    "timestep_type": ("discrete",),
+    "sigma_min": (None,),
+    "sigma_max": (None,),
+    "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
+    "use_lu_lambdas": (False,),
+    "use_flow_sigmas": (False,),
+    "solver_order": (2,),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_type": ("midpoint",),
+    "lambda_min_clipped": (-math.inf,),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
-    """Noise schedule settings, named and defaulted as in a Stable Diffusion ``scheduler_config.json``."""
+    """Noise schedule and sampler settings, named as in a diffusers ``scheduler_config.json``.
+
+    Built in code, every field means what it says (the defaults are Stable Diffusion's). Read from a file with
+    :meth:`from_dict`, the fields the file leaves out are recorded in ``unset`` and :meth:`for_class` fills each
+    with the default of the diffusers scheduler class that runs, exactly as ``SchedulerClass.from_config`` does.
+    ``other`` keeps the file's fields sdjax does not model (e.g. ``solver_order``), checked by ``for_class``.
+    """
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -38,11 +139,20 @@ class ScheduleConfig:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     use_karras_sigmas: bool = False
+    skip_prk_steps: bool = True
+    interpolation_type: str = "linear"
+    final_sigmas_type: str = "zero"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    unset: frozenset[str] = frozenset()
+    other: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _check_choice("interpolation_type", self.interpolation_type, INTERPOLATION_TYPES)
+        _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {self.num_train_timesteps!r}")
         if not 0 < self.beta_start <= self.beta_end < 1:
@@ -55,20 +165,31 @@ class ScheduleConfig:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range!r}")
 
     @classmethod
+    def field_names(cls) -> list[str]:
+        """The scheduler fields (everything but the ``unset`` / ``other`` bookkeeping)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("unset", "other")]
+
+    @classmethod
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> ScheduleConfig:
-        """Reads a diffusers scheduler config dict; keys sdjax does not use are ignored.
+        """Reads a diffusers scheduler config dict, remembering which fields it sets (see :meth:`for_class`).
 
         ``overrides`` replace entries of ``config`` and must be field names. A non-null ``trained_betas`` is
-        rejected because ignoring it would silently give a different schedule.
+        rejected because ignoring it would silently give a different schedule. Keys starting with "_" are
+        diffusers' bookkeeping and are dropped.
         """
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = cls.field_names()
         unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise ValueError(f"unknown ScheduleConfig override(s) {unknown}; accepted: {names}")
         if config.get("trained_betas") is not None:
             raise ValueError("scheduler config sets trained_betas; sdjax accepts only trained_betas=null")
         merged = {**config, **overrides}
-        return cls(**{k: merged[k] for k in names if k in merged})
+        other = tuple(sorted((k, _hashable(v)) for k, v in merged.items() if k not in names and not k.startswith("_")))
+        return cls(
+            **{k: merged[k] for k in names if k in merged},
+            unset=frozenset(k for k in names if k not in merged),
+            other=other,
+        )
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> ScheduleConfig:
@@ -77,8 +198,48 @@ class ScheduleConfig:
             return cls.from_dict(json.load(f), **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict, readable by diffusers schedulers' ``from_config``."""
-        return dataclasses.asdict(self)
+        """The fields this config sets (not the ``unset`` ones) plus ``other``, as a dict diffusers schedulers'
+        ``from_config`` reads to the same schedule."""
+        values = {k: getattr(self, k) for k in self.field_names() if k not in self.unset}
+        return {**values, **{k: _jsonable(v) for k, v in self.other}}
+
+    def for_class(self, scheduler_class: str) -> ScheduleConfig:
+        """The settings diffusers' ``scheduler_class.from_config(self.to_dict())`` runs with: unset fields take
+        the class's defaults, fields the class does not read take sdjax's neutral values (no clipping, no
+        Karras sigmas, no zero-SNR rescaling...). Raises ValueError, naming the field, for a value of a field
+        the class reads that sdjax does not implement (e.g. ``solver_order: 3``, PNDM without
+        ``skip_prk_steps``)."""
+        defaults = SCHEDULER_DEFAULTS[scheduler_class]
+        neutral = {f.name: f.default for f in dataclasses.fields(ScheduleConfig) if f.name not in _BASE_DEFAULTS}
+        values = {}
+        for name in self.field_names():
+            if name not in defaults:
+                values[name] = neutral[name]
+            else:
+                values[name] = defaults[name] if name in self.unset else getattr(self, name)
+        other = dict(self.other)
+        for name, accepted in IMPLEMENTED_VALUES.items():
+            value = other.get(name, defaults.get(name))
+            if name in defaults and value not in accepted:
+                raise ValueError(
+                    f"scheduler config sets {name}={value!r}, which sdjax's {scheduler_class} sampler does not "
+                    f"implement; accepted: {', '.join(repr(a) for a in accepted)}"
+                )
+        if scheduler_class == "PNDMScheduler" and not values["skip_prk_steps"]:
+            raise ValueError(
+                "pndm is PLMS: it needs skip_prk_steps=true in the scheduler config (as every published SD config "
+                "sets); with it false or left out, diffusers' PNDMScheduler runs Runge-Kutta warm-up steps, "
+                "which sdjax does not implement"
+            )
+        return ScheduleConfig(**values)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _check_choice(field: str, value: Any, accepted: tuple[str, ...]) -> None:

@@ -2,6 +2,7 @@
 
 import json
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,9 +146,61 @@ def test_timesteps_from_sigmas_inverts_the_sigma_table():
     np.testing.assert_allclose(schedule.timesteps_from_sigmas(sigmas, ac), t, atol=1e-3)
 
 
-def test_from_dict_reads_sd15_scheduler_config_and_ignores_unknown_keys():
+def test_from_dict_reads_sd15_scheduler_config_and_records_what_it_leaves_out():
     cfg = ScheduleConfig.from_dict(SD15_SCHEDULER_JSON)
-    assert cfg == ScheduleConfig()  # the defaults are SD 1.x's
+    assert {"timestep_spacing", "prediction_type", "use_karras_sigmas"} <= cfg.unset
+    assert not {"steps_offset", "beta_schedule", "skip_prk_steps"} & cfg.unset
+    assert dict(cfg.other) == {"trained_betas": None}  # "_class_name" / "_diffusers_version" are dropped
+    assert cfg.to_dict() == {k: v for k, v in SD15_SCHEDULER_JSON.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize(
+    "scheduler_class, spacing, offset",
+    [
+        ("DDIMScheduler", "leading", 1),
+        ("EulerDiscreteScheduler", "linspace", 1),
+        ("HeunDiscreteScheduler", "linspace", 1),
+    ],
+)
+def test_for_class_fills_unset_fields_with_that_class_defaults(scheduler_class, spacing, offset):
+    cfg = ScheduleConfig.from_dict(SD15_SCHEDULER_JSON).for_class(scheduler_class)
+    ref = getattr(diffusers, scheduler_class).from_config(SD15_SCHEDULER_JSON).config
+    assert (cfg.timestep_spacing, cfg.steps_offset) == (ref.timestep_spacing, ref.steps_offset) == (spacing, offset)
+    assert not cfg.unset
+
+
+def test_for_class_fills_betas_the_file_leaves_out():
+    heun = ScheduleConfig.from_dict({}).for_class("HeunDiscreteScheduler")
+    ddim = ScheduleConfig.from_dict({}).for_class("DDIMScheduler")
+    assert (heun.beta_start, heun.beta_end, heun.beta_schedule) == (0.00085, 0.012, "linear")
+    assert (ddim.beta_start, ddim.beta_end, ddim.clip_sample, ddim.set_alpha_to_one) == (0.0001, 0.02, True, True)
+
+
+def test_for_class_ignores_fields_the_class_does_not_read():
+    cfg = ScheduleConfig.from_dict({**SD15_SCHEDULER_JSON, "rescale_betas_zero_snr": True, "clip_sample": True})
+    pndm = cfg.for_class("PNDMScheduler")
+    assert not pndm.rescale_betas_zero_snr and not pndm.clip_sample
+    assert cfg.for_class("DDIMScheduler").rescale_betas_zero_snr
+
+
+@pytest.mark.parametrize(
+    "extra, scheduler_class, message",
+    [
+        (dict(solver_order=3), "DPMSolverMultistepScheduler", "solver_order=3"),
+        (dict(algorithm_type="sde-dpmsolver++"), "DPMSolverMultistepScheduler", "algorithm_type='sde-dpmsolver"),
+        (dict(thresholding=True), "DDIMScheduler", "thresholding=True"),
+        (dict(variance_type="learned"), "DDPMScheduler", "variance_type='learned'"),
+        (dict(skip_prk_steps=False), "PNDMScheduler", "skip_prk_steps"),
+    ],
+)
+def test_for_class_refuses_what_sdjax_does_not_implement(extra, scheduler_class, message):
+    with pytest.raises(ValueError, match=message):
+        ScheduleConfig.from_dict({**SD15_SCHEDULER_JSON, **extra}).for_class(scheduler_class)
+
+
+def test_for_class_accepts_unimplemented_fields_the_class_does_not_read():
+    cfg = ScheduleConfig.from_dict({**SD15_SCHEDULER_JSON, "solver_order": 3})
+    assert cfg.for_class("EulerDiscreteScheduler").timestep_spacing == "linspace"
 
 
 def test_from_dict_applies_overrides():
