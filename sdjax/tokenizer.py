@@ -1,16 +1,21 @@
 """CLIP tokenizer: loading, padding/truncation to 77 tokens, and training a small CLIP-compatible BPE.
 
-The tokenizer is transformers' `CLIPTokenizer`; `build_tokenizer` trains merges with the `tokenizers`
-library on a corpus (e.g. the shapes64 captions) and writes them in CLIP's own file layout
+The tokenizer is transformers' `CLIPTokenizer`. `clip_tokenizer` builds the real one, OpenAI CLIP's BPE
+vocabulary (shipped as package data, `sdjax/assets/bpe_simple_vocab_16e6.txt.gz`, MIT licence in
+`sdjax/assets/LICENSE-CLIP`), which every SD 1.x / 2.x / XL text encoder uses; `build_tokenizer` trains merges
+with the `tokenizers` library on a corpus (e.g. the shapes64 captions) and writes them in CLIP's own file layout
 (vocab.json + merges.txt), so the same loading code serves the tiny model and real Stable Diffusion.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import os
 import warnings
 from collections.abc import Iterable
+from importlib import resources
 
 import numpy as np
 import transformers
@@ -20,6 +25,12 @@ MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
+# CLIP's merges file holds 49152 - 256 - 2 merges after its version line (49,408 tokens in all).
+CLIP_NUM_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# Pad tokens of the published tokenizers: OpenAI CLIP ViT-L/14 (SD 1.x, SDXL's first encoder) pads with
+# <|endoftext|>; the OpenCLIP ViT-H / bigG tokenizers of SD 2.x (and SDXL's second encoder) with "!" (id 0).
+PAD_TOKENS = {"clip": EOS_TOKEN, "open_clip": "!"}
 # CLIP's word splitter (same as transformers' CLIPTokenizer): special tokens, contractions, letters, digits.
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -40,6 +51,28 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.CLIPTokenizer:
     raise TokenizerError(
         f"no CLIP tokenizer at {path!r}; expected a local folder with vocab.json + merges.txt "
         "(or tokenizer.json), or a diffusers folder with a tokenizer/ subfolder"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def clip_tokenizer(pad_token: str = EOS_TOKEN) -> transformers.CLIPTokenizer:
+    """The real CLIP tokenizer, built from the vocabulary that ships with sdjax (no files, no network).
+
+    Identical to openai/clip-vit-large-patch14's ``CLIPTokenizer`` (49,408 tokens, 77 positions) with the default
+    ``pad_token``; ``pad_token="!"`` gives the SD 2.x (OpenCLIP) variant. Cached: build once per pad token. Treat
+    the result as read-only (textual inversion copies it before adding tokens).
+    """
+    with resources.files("sdjax").joinpath("assets", CLIP_VOCAB_FILE).open("rb") as f:
+        lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]
+    vocab = _clip_vocab(merges)
+    if pad_token not in vocab:
+        raise TokenizerError(f"pad_token {pad_token!r} is not a CLIP token; use {EOS_TOKEN!r} (SD 1.x) or '!' (SD 2.x)")
+    return transformers.CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        pad_token=pad_token,
+        model_max_length=MAX_LENGTH,
     )
 
 

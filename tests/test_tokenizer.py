@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,86 @@ def test_load_tokenizer_without_files_raises_a_clear_error(tmp_path):
 def test_build_tokenizer_rejects_an_empty_corpus(tmp_path):
     with pytest.raises(ValueError, match="at least one"):
         T.build_tokenizer([], tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- the real CLIP vocabulary
+
+OPEN_CLIP_IDS = json.loads((Path(__file__).parent / "fixtures" / "open_clip_ids.json").read_text())["ids"]
+# Where transformers' CLIPTokenizer (what diffusers and the published tokenizer folders give) departs from OpenAI's
+# original tokenizer as open_clip runs it: its ByteLevel step re-splits runs of punctuation ("?!", "!" after a
+# word), and it has no ftfy clean-up (full-width letters, curly quotes) and reads "<|endoftext|>" in a prompt as
+# the special token. sdjax follows transformers, so that prompts embed as diffusers embeds them.
+TRANSFORMERS_DEPARTS_FROM_OPEN_CLIP = {
+    "hello, world!",
+    "Hello... World?!",
+    "<|startoftext|> literal special tokens <|endoftext|>",
+    "fullwidth ＡＢＣ１２３",
+    "ellipsis… em—dash – en-dash “curly” ‘quotes’",
+}
+
+
+@pytest.fixture(scope="module")
+def published_layout_tokenizers(tmp_path_factory):
+    """transformers' CLIPTokenizer loaded from vocab.json + merges.txt and the published tokenizer configs of
+    SD 1.5 (pad <|endoftext|>) and SD 2.1 (pad "!"), as from_pretrained reads openai/clip-vit-large-patch14."""
+    fixtures = Path(__file__).parent / "fixtures" / "published"
+    out = {}
+    for name in ("sd15", "sd21"):
+        folder = tmp_path_factory.mktemp(name)
+        T.save_tokenizer(T.clip_tokenizer(), folder)
+        (folder / "tokenizer.json").unlink()  # the published SD folders ship vocab.json + merges.txt only
+        for config in ("tokenizer_config.json", "special_tokens_map.json"):
+            (folder / config).write_text((fixtures / name / "tokenizer" / config).read_text())
+        out[name] = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    return out
+
+
+def test_clip_tokenizer_has_the_full_clip_vocabulary():
+    tok = T.clip_tokenizer()
+    assert len(tok) == 49408
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
+    assert tok.model_max_length == 77
+    assert T.clip_tokenizer("!").pad_token_id == 0
+
+
+@pytest.mark.parametrize("name, pad_token", [("sd15", T.EOS_TOKEN), ("sd21", "!")])
+def test_clip_tokenizer_equals_the_published_tokenizer(published_layout_tokenizers, name, pad_token):
+    ref = published_layout_tokenizers[name]
+    ours = T.clip_tokenizer(pad_token)
+    assert ref.pad_token == pad_token
+    assert ours.get_vocab() == ref.get_vocab()
+    prompts = list(OPEN_CLIP_IDS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_array_equal(T.tokenize(ours, prompts), T.tokenize(ref, prompts))
+
+
+def test_clip_tokenizer_ids_equal_open_clip(published_layout_tokenizers):
+    prompts = [p for p in OPEN_CLIP_IDS if p not in TRANSFORMERS_DEPARTS_FROM_OPEN_CLIP]
+    assert len(prompts) >= 45
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = T.tokenize(T.clip_tokenizer("!"), prompts)  # open_clip pads with 0, the id of "!"
+    np.testing.assert_array_equal(ids, np.array([OPEN_CLIP_IDS[p] for p in prompts]))
+
+
+def test_known_departures_from_open_clip_are_transformers_own(published_layout_tokenizers):
+    prompts = sorted(TRANSFORMERS_DEPARTS_FROM_OPEN_CLIP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = T.tokenize(T.clip_tokenizer("!"), prompts)
+        ref = T.tokenize(published_layout_tokenizers["sd21"], prompts)
+    np.testing.assert_array_equal(ours, ref)
+    assert all((ours[i] != OPEN_CLIP_IDS[p]).any() for i, p in enumerate(prompts))
+
+
+def test_clip_tokenizer_truncates_long_prompts_keeping_the_end_token():
+    long_prompt = next(p for p in OPEN_CLIP_IDS if p.startswith("very very"))
+    with pytest.warns(UserWarning, match="truncated"):
+        ids = T.tokenize(T.clip_tokenizer(), [long_prompt])
+    assert ids.shape == (1, 77) and ids[0, -1] == 49407
+
+
+def test_clip_tokenizer_rejects_an_unknown_pad_token():
+    with pytest.raises(T.TokenizerError, match="pad_token"):
+        T.clip_tokenizer("<pad>")
