@@ -5,8 +5,9 @@
         --negative-prompt "blurry" --num-images 4 --steps 50 --guidance 7.5 --sampler dpmpp_2m --out out/
     python sample.py --model DIR --prompt "..." --init-image photo.png --strength 0.6 --out out/
 
---model takes a diffusers folder, an sdjax training workdir or a single-file .safetensors checkpoint (with
---tokenizer DIR, and --prediction-type v_prediction for SD 2.x 768-v); without it, models/shapes64.
+--model takes a diffusers folder, an sdjax training workdir or a single-file .safetensors checkpoint (it gets the
+built-in CLIP tokenizer, or --tokenizer DIR; --prediction-type v_prediction for SD 2.x 768-v); without it,
+models/shapes64.
 Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance in its text metadata) and
 grid.png, and prints the compile time and the time per image.
 """
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--model", default=None, help=f"diffusers folder or sdjax workdir (default {DEFAULT_MODEL})")
-    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (single-file checkpoints only)")
+    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder overriding a single-file checkpoint's built-in one")
     parser.add_argument(
         "--prediction-type",
         default=None,

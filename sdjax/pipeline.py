@@ -70,9 +70,10 @@ class StableDiffusion:
         prediction_type: str | None = None,
     ):
         """Loads Stable Diffusion from a diffusers folder (model_index.json + component folders), an sdjax training
-        workdir (its latest checkpoint's EMA params) or a single-file LDM ``.safetensors`` checkpoint (which holds
-        no tokenizer: pass ``tokenizer_path``, a folder with a CLIP tokenizer; v-prediction models (SD 2.x 768-v)
-        also need ``prediction_type="v_prediction"``, which the weights do not record).
+        workdir (its latest checkpoint's EMA params) or a single-file LDM ``.safetensors`` checkpoint. A single
+        file holds no tokenizer: it gets the built-in CLIP tokenizer of its family (SD 1.x pads with
+        <|endoftext|>, SD 2.x with "!"), or the one in ``tokenizer_path``; v-prediction models (SD 2.x 768-v)
+        need ``prediction_type="v_prediction"``, which the weights do not record.
 
         ``dtype`` is the params' and the compute dtype (float32 or bfloat16); the schedule and the sampler state
         stay float32. ``variant`` picks ``*.{variant}.safetensors`` files (e.g. "fp16")."""
@@ -95,16 +96,15 @@ class StableDiffusion:
 
         if path.suffix != ".safetensors":
             raise PipelineError(f"{path}: single-file checkpoints are read as .safetensors only (got {path.suffix!r})")
-        if tokenizer_path is None:
-            raise PipelineError(
-                f"{path} is a single-file checkpoint, which holds no tokenizer: pass tokenizer_path= a folder "
-                "with a CLIP tokenizer (e.g. the tokenizer/ folder of a diffusers Stable Diffusion)"
-            )
         modules, params, scheduler_config = single_file.load_single_file(path, dtype, prediction_type)
+        if tokenizer_path is None:
+            tok = single_file.default_tokenizer(modules["text_encoder"].config)
+        else:
+            tok = tokenizer.load_tokenizer(tokenizer_path)
         return cls(
             **modules,
             params=params,
-            tokenizer=tokenizer.load_tokenizer(tokenizer_path),
+            tokenizer=tok,
             schedule=schedule.ScheduleConfig.from_dict(scheduler_config),
             scheduler_class=scheduler_config.get("_class_name", "PNDMScheduler"),
         )
@@ -146,7 +146,7 @@ class StableDiffusion:
             weights.save_component(module, self.params[name], path / name, dtype=_SAVE_DTYPES[dtype])
         tokenizer.save_tokenizer(self.tokenizer, path / "tokenizer")
         (path / "scheduler").mkdir(exist_ok=True)
-        scheduler = {"_class_name": self.scheduler_class, "skip_prk_steps": True, **self.schedule.to_dict()}
+        scheduler = {"_class_name": self.scheduler_class, **self.schedule.to_dict()}
         (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         index = {
             "_class_name": "StableDiffusionPipeline",

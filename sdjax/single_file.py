@@ -53,9 +53,11 @@ CLIP_HEAD_DIM = 64
 NORM_NUM_GROUPS = 32
 VAE_SCALING_FACTOR = 0.18215
 
-# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json; prediction_type is set by the caller.
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
+# scheduler/scheduler_config.json as published (diffusers 0.6 / 0.8 / 0.10 wrote them: no timestep_spacing, so
+# each sampler takes its diffusers class default). A single file is read with the config of the repository
+# diffusers' from_single_file takes for it: SD 1.x -> stable-diffusion-v1-5; SD 2.x -> stable-diffusion-2-1
+# (768-v) for v-prediction, stable-diffusion-2-1-base for epsilon.
+_PUBLISHED_SCHEDULER = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
@@ -64,9 +66,46 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
     "steps_offset": 1,
-    "timestep_spacing": "leading",
     "trained_betas": None,
 }
+SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", **_PUBLISHED_SCHEDULER},
+    "sd21": {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": "0.8.0",
+        **_PUBLISHED_SCHEDULER,
+        "prediction_type": "v_prediction",
+    },
+    "sd21_base": {
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.10.0.dev0",
+        **_PUBLISHED_SCHEDULER,
+        "prediction_type": "epsilon",
+    },
+}
+SCHEDULER_CONFIG = SCHEDULER_CONFIGS["sd15"]  # kept for callers of earlier versions
+
+
+def scheduler_config(sd2: bool, prediction_type: str | None) -> dict[str, Any]:
+    """The published scheduler config for an SD 1.x / 2.x single file; ``prediction_type`` (None: the
+    published one, epsilon for SD 1.x) is written into it."""
+    if not sd2:
+        config = dict(SCHEDULER_CONFIGS["sd15"])
+    else:
+        config = dict(SCHEDULER_CONFIGS["sd21" if prediction_type == "v_prediction" else "sd21_base"])
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    return config
+
+
+def default_tokenizer(text_encoder_config: Any) -> Any:
+    """The built-in CLIP tokenizer a single file's text encoder was trained with: OpenAI CLIP ViT-L (SD 1.x,
+    quick_gelu) pads with <|endoftext|>, OpenCLIP ViT-H (SD 2.x, gelu) with "!", as the published folders."""
+    from sdjax import tokenizer
+
+    open_clip = text_encoder_config.hidden_act == "gelu"
+    return tokenizer.clip_tokenizer(tokenizer.PAD_TOKENS["open_clip" if open_clip else "clip"])
+
 
 _UNET_RESNET = (
     ("in_layers.0.", "norm1."),
@@ -443,7 +482,7 @@ def _legacy_vae_name(key: str) -> str:
 # --- configs
 
 
-def infer_configs(state: Mapping[str, Any], prediction_type: str = "epsilon") -> dict[str, dict[str, Any]]:
+def infer_configs(state: Mapping[str, Any], prediction_type: str | None = None) -> dict[str, dict[str, Any]]:
     """diffusers / transformers ``config.json`` dicts for the networks of a single-file SD 1.x / 2.x state dict.
 
     Structure (blocks, channels, layers, attention placement, context and text dims, inpainting's 9 input
@@ -453,16 +492,17 @@ def infer_configs(state: Mapping[str, Any], prediction_type: str = "epsilon") ->
 
     Args:
       state: LDM key -> numpy array (for shapes only, zero-stride ``np.broadcast_to`` views will do).
-      prediction_type: "epsilon" | "v_prediction" | "sample", for the scheduler config.
+      prediction_type: "epsilon" | "v_prediction" | "sample" for the scheduler config; None: epsilon.
     Returns:
-      {"unet", "vae", "text_encoder" (the networks present), "scheduler": SD 1.5's scheduler config}.
+      {"unet", "vae", "text_encoder" (the networks present), "scheduler": the published scheduler config
+      of the family (:func:`scheduler_config`)}.
     """
     parts = _split_components(state)
     return _infer_configs(_convert(parts), "open_clip" in parts, prediction_type)
 
 
-def _infer_configs(components: dict[str, State], open_clip: bool, prediction_type: str) -> dict[str, dict]:
-    if prediction_type not in PREDICTION_TYPES:
+def _infer_configs(components: dict[str, State], open_clip: bool, prediction_type: str | None) -> dict[str, dict]:
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r} is not accepted; use one of {PREDICTION_TYPES}")
     try:
         unet = components["unet"]
@@ -475,7 +515,7 @@ def _infer_configs(components: dict[str, State], open_clip: bool, prediction_typ
             configs["text_encoder"] = _text_encoder_config(components["text_encoder"], open_clip)
     except KeyError as e:
         raise WeightsError(f"no weight for {e.args[0]}: not a complete SD 1.x/2.x network") from e
-    return {**configs, "scheduler": {**SCHEDULER_CONFIG, "prediction_type": prediction_type}}
+    return {**configs, "scheduler": scheduler_config(sd2, prediction_type)}
 
 
 def _unet_config(state: State, sd2: bool, is_768_v: bool) -> dict[str, Any]:
@@ -576,7 +616,7 @@ def load_single_file(
             f"{', '.join(PREFIXES[n] + '*' for n in parts)}; load_single_file needs all three networks"
         )
     components = _convert(parts)
-    configs = _infer_configs(components, "open_clip" in parts, prediction_type or "epsilon")
+    configs = _infer_configs(components, "open_clip" in parts, prediction_type)
     modules, params = {}, {}
     for name, config in configs.items():
         if name == "scheduler":

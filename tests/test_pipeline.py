@@ -242,8 +242,6 @@ def test_single_file_checkpoint_generates_what_the_folder_does(reference, tmp_pa
         for name in ("unet", "vae", "text_encoder")
     }
     save_file(diffusers_to_ldm(components), str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="holds no tokenizer: pass tokenizer_path"):
-        sdjax.StableDiffusion.from_pretrained(tmp_path / "model.safetensors")
     single = sdjax.StableDiffusion.from_pretrained(
         tmp_path / "model.safetensors",
         tokenizer_path=folder / "tokenizer",

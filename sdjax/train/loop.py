@@ -181,7 +181,7 @@ def _scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.pretrained_path:
         path = Path(config.pretrained_path) / "scheduler" / "scheduler_config.json"
         return json.loads(path.read_text())
-    cfg = schedule.ScheduleConfig.from_dict(config.schedule.to_dict())
+    cfg = schedule.ScheduleConfig(**config.schedule.to_dict())  # sdjax's own config: every field explicit
     return {"_class_name": config.scheduler_class, "_diffusers_version": checkpoint.DIFFUSERS_VERSION, **cfg.to_dict()}
 
 

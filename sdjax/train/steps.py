@@ -106,7 +106,8 @@ def make_diffusion_step(
     from ``frozen["text_encoder"]``. Uniform timesteps; the target (epsilon / v / sample) is the schedule's
     ``prediction_type``; min-SNR-gamma weights (config.loss.snr_gamma) and offset noise (config.loss.noise_offset)
     as options. Metrics: loss, mse, grad_norm."""
-    alphas_cumprod = schedule.alphas_cumprod(schedule_cfg)
+    # The noise schedule of training, as diffusers' training scripts read it (DDPMScheduler.from_pretrained).
+    alphas_cumprod = schedule.alphas_cumprod(schedule_cfg.for_class("DDPMScheduler"))
     prediction_type, loss_cfg = schedule_cfg.prediction_type, config.loss
 
     def step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
