@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--model", default=None, help=f"diffusers folder or sdjax workdir (default {DEFAULT_MODEL})")
-    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder overriding a single-file checkpoint's built-in one")
+    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: built in)")
     parser.add_argument(
         "--prediction-type",
         default=None,
