@@ -1,0 +1,98 @@
+"""Diffusers folders laid out exactly as the published SD repositories, random weights, optionally shrunk.
+
+The config files are the published ones (tests/fixtures/published/<name>, legacy fields and all): the model
+folders get weights from random PyTorch models built from those configs and saved with ``save_pretrained``,
+after which the published ``config.json`` is written back over the re-saved one, so that both sdjax and
+diffusers read what users' downloads contain. ``shrink=True`` narrows channel widths, heads and text-encoder
+depth (blocks, layers, attention placement and every other field stay as published) for the default suite.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tests.reference import perturb_
+
+FIXTURES = Path(__file__).parent / "fixtures" / "published"
+TEXT_WIDTH = 64  # shrunk text encoder: 64 wide, 2 layers, one 64-dim head (as SD's text encoders' head size)
+
+
+def published_config(name: str, component: str) -> dict:
+    """The published ``config.json`` (or ``scheduler_config.json``) of ``component`` in model ``name``."""
+    file = "scheduler_config.json" if component == "scheduler" else "config.json"
+    return json.loads((FIXTURES / name / component / file).read_text())
+
+
+def _shrunk_unet(config: dict) -> dict:
+    blocks = len(config["block_out_channels"])
+    channels = [32, 32, 64, 64][:blocks] if blocks == 4 else [32 * (i + 1) for i in range(blocks)]
+    heads = config["attention_head_dim"]
+    # SD 1.x: 8 heads everywhere; SD 2.x: per-block heads of 64 dims -> one or two 32-dim heads.
+    heads = [max(1, c // 32) for c in channels] if isinstance(heads, list) else heads
+    return {**config, "block_out_channels": channels, "attention_head_dim": heads, "cross_attention_dim": TEXT_WIDTH}
+
+
+def _shrunk_vae(config: dict) -> dict:
+    blocks = len(config["block_out_channels"])
+    return {**config, "block_out_channels": [32, 32, 64, 64][:blocks]}
+
+
+def _shrunk_text_encoder(config: dict) -> dict:
+    return {
+        **config,
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 2 * TEXT_WIDTH,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 1,
+        "projection_dim": TEXT_WIDTH,
+    }
+
+
+def published_folder(name: str, folder: Path, *, shrink: bool = True, seed: int = 0) -> Path:
+    """Writes model ``name`` (sd15, sd21, ...) in its published layout with perturbed random weights."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdjax.tokenizer import clip_tokenizer, save_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    configs = {c: published_config(name, c) for c in ("unet", "vae", "text_encoder")}
+    if shrink:
+        configs = {
+            "unet": _shrunk_unet(configs["unet"]),
+            "vae": _shrunk_vae(configs["vae"]),
+            "text_encoder": _shrunk_text_encoder(configs["text_encoder"]),
+        }
+    models = {
+        "unet": UNet2DConditionModel.from_config(configs["unet"]),
+        "vae": AutoencoderKL.from_config(configs["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
+    }
+    for i, (component, model) in enumerate(models.items()):
+        perturb_(model, seed=seed + i)
+        model.save_pretrained(folder / component, safe_serialization=True)
+        (folder / component / "config.json").write_text(json.dumps(configs[component], indent=2) + "\n")
+    tokenizer = folder / "tokenizer"
+    save_tokenizer(clip_tokenizer(), tokenizer)
+    (tokenizer / "tokenizer.json").unlink()  # the published folders ship vocab.json + merges.txt only
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(FIXTURES / name / "tokenizer" / file, tokenizer / file)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    shutil.copy(FIXTURES / name / "scheduler" / "scheduler_config.json", folder / "scheduler")
+    shutil.copy(FIXTURES / name / "model_index.json", folder)
+    return folder
+
+
+def diffusers_pipeline(folder: Path):
+    """diffusers' StableDiffusionPipeline loading ``folder`` from disk (no safety checker / feature extractor)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

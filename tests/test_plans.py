@@ -1,0 +1,70 @@
+"""Sampler plans on the published scheduler configs: sdjax's timesteps and sigmas equal those of the matching
+diffusers scheduler after ``from_config(published_config)`` + ``set_timesteps``, for every sampler (stochastic
+ones included), step count and img2img strength, Karras sigmas on and off."""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+
+from sdjax import samplers
+from sdjax.schedule import ScheduleConfig
+from tests.published import FIXTURES, published_config
+
+PUBLISHED = sorted(p.name for p in FIXTURES.iterdir() if (p / "scheduler").is_dir())
+STEPS = [1, 2, 7, 20, 50]
+STRENGTHS = [1.0, 0.75, 0.3]
+
+
+def _scheduler(sampler: str, config: dict, karras: bool, steps: int):
+    cls = getattr(diffusers, samplers.REGISTRY[sampler].scheduler_class)
+    scheduler = cls.from_config(config, **({"use_karras_sigmas": True} if karras else {}))
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def _cases():
+    for name in PUBLISHED:
+        for sampler, record in samplers.REGISTRY.items():
+            for karras in (False, True) if record.karras and sampler != "euler_ancestral" else (False,):
+                yield pytest.param(name, sampler, karras, id=f"{name}-{sampler}{'-karras' if karras else ''}")
+
+
+@pytest.mark.parametrize("strength", STRENGTHS)
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("name, sampler, karras", list(_cases()))
+def test_plan_matches_diffusers_scheduler(name, sampler, karras, steps, strength):
+    config = published_config(name, "scheduler")
+    if int(steps * strength) < 1:
+        pytest.skip("no step runs (diffusers runs none either)")
+    scheduler = _scheduler(sampler, config, karras, steps)
+    plan = samplers.make_plan(
+        ScheduleConfig.from_dict(config), sampler, steps, strength=strength, use_karras_sigmas=karras or None
+    )
+    begin = (steps - int(steps * strength)) * scheduler.order  # StableDiffusionImg2ImgPipeline.get_timesteps
+    timesteps = scheduler.timesteps.numpy()[begin:]
+    assert plan.num_evaluations == len(timesteps)
+    np.testing.assert_allclose(plan.timesteps, timesteps, rtol=0, atol=1e-4)
+    if plan.sigmas:
+        sigmas = scheduler.sigmas.numpy()
+        n = plan.num_evaluations
+        np.testing.assert_allclose(plan.sigmas, sigmas[begin : begin + n], rtol=1e-6)
+        np.testing.assert_allclose(plan.sigmas_next, sigmas[begin + 1 : begin + n + 1], rtol=1e-6)
+    if strength == 1.0:
+        np.testing.assert_allclose(plan.init_noise_sigma, float(scheduler.init_noise_sigma), rtol=1e-6)
+    if sampler == "ddim":
+        ac, ratio = scheduler.alphas_cumprod.numpy(), scheduler.config.num_train_timesteps // steps
+        prev = timesteps.astype(np.int64) - ratio
+        expected = np.where(prev >= 0, ac[np.maximum(prev, 0)], float(scheduler.final_alpha_cumprod))
+        np.testing.assert_allclose(plan.alphas_prev, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_leave_timestep_spacing_to_the_sampler_class(name):
+    """The reason for per-class defaults: the same published file spaces euler and ddim differently."""
+    config = published_config(name, "scheduler")
+    assert "timestep_spacing" not in config
+    euler = samplers.make_plan(ScheduleConfig.from_dict(config), "euler", 10)
+    ddim = samplers.make_plan(ScheduleConfig.from_dict(config), "ddim", 10)
+    assert euler.timesteps[0] == 999.0 and ddim.timesteps[0] == 901.0
