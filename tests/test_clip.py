@@ -182,3 +182,22 @@ def test_sequence_longer_than_position_table_is_an_error(quick_gelu_pair):
     _, module, params, _ = quick_gelu_pair
     with pytest.raises(ValueError, match=f"max_position_embeddings={LENGTH}"):
         module.apply({"params": params}, jnp.zeros((1, LENGTH + 1), jnp.int32))
+
+
+@pytest.mark.parametrize("eos_token_id", [2, EOS], ids=["legacy-eos-2", "eos-id"])
+def test_pooled_output_follows_transformers_pooling_rule(tmp_path, eos_token_id):
+    """Legacy configs (eos_token_id 2, as SD 1.x / 2.x publish) pool at argmax(ids); newer ones at the first EOS.
+    A token with an id above EOS (as textual inversion adds) before the EOS tells the two rules apart."""
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(**{**TINY, "vocab_size": VOCAB + 2, "eos_token_id": eos_token_id})
+    reference = transformers.CLIPTextModel(config).eval()
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    module, params = weights.load_component(tmp_path)
+    ids = np.array([[BOS, 5, VOCAB + 1, 7, EOS] + [EOS] * (LENGTH - 5)], np.int32)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(ids).long()).pooler_output.numpy()
+    last = module.apply({"params": params}, jnp.asarray(ids))
+    pooled = module.pooled_output(last, jnp.asarray(ids))
+    assert relative_error(pooled, ref) < 1e-5
+    expected_position = 2 if eos_token_id == 2 else 4
+    np.testing.assert_allclose(pooled, np.asarray(last)[:, expected_position], rtol=0, atol=0)

@@ -185,6 +185,13 @@ class CLIPTextModel(nn.Module):
             return last_hidden_state, hidden_states
         return last_hidden_state
 
+    def pooled_output(self, last_hidden_state: jax.Array, input_ids: jax.Array) -> jax.Array:
+        """The hidden state at each sequence's end token, (B, T, D) -> (B, D): transformers' ``pooler_output``
+        (SDXL's pooled text embedding). Published configs with the legacy ``eos_token_id`` 2 pool at the argmax
+        of the ids (the end token has the largest id in CLIP's vocabulary, unless tokens were added); newer
+        configs at the first ``eos_token_id``. Needs no params: ``text_encoder.pooled_output(h, ids)`` works."""
+        return pooled_output(self.config, last_hidden_state, input_ids)
+
     def apply_final_layer_norm(self, hidden_state: jax.Array) -> jax.Array:
         """final_layer_norm on one of the hidden states (B, T, hidden_size), as diffusers does for clip skip."""
         return self.final_layer_norm(hidden_state)
@@ -192,6 +199,19 @@ class CLIPTextModel(nn.Module):
     def dummy_inputs(self) -> tuple[jax.Array]:
         """One token of one sequence, (1, 1) int32: enough to create every parameter."""
         return (jnp.zeros((1, 1), jnp.int32),)
+
+
+def eos_positions(config: CLIPTextConfig, input_ids: jax.Array) -> jax.Array:
+    """Index of each sequence's end token, int (B,), by transformers' rule (see ``CLIPTextModel.pooled_output``)."""
+    if config.eos_token_id == 2 or config.eos_token_id is None:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax((input_ids == config.eos_token_id).astype(jnp.int32), axis=-1)
+
+
+def pooled_output(config: CLIPTextConfig, last_hidden_state: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """(B, T, D) hidden states, (B, T) ids -> (B, D): the state at :func:`eos_positions`."""
+    index = eos_positions(config, input_ids)
+    return jnp.take_along_axis(last_hidden_state, index[:, None, None], axis=1)[:, 0]
 
 
 def _check_input_ids(input_ids: jax.Array, max_length: int) -> None:
