@@ -26,11 +26,11 @@ def published_config(name: str, component: str) -> dict:
 
 
 def _shrunk_unet(config: dict) -> dict:
-    blocks = len(config["block_out_channels"])
-    channels = [32, 32, 64, 64][:blocks] if blocks == 4 else [32 * (i + 1) for i in range(blocks)]
     heads = config["attention_head_dim"]
-    # SD 1.x: 8 heads everywhere; SD 2.x: per-block heads of 64 dims -> one or two 32-dim heads.
-    heads = [max(1, c // 32) for c in channels] if isinstance(heads, list) else heads
+    # SD 1.x: 8 heads everywhere (4-dim heads at 32 channels); SD 2.x: per-block 64-dim heads, kept at 64 dims
+    # (one or two heads) so that single-file loading, which assumes them, reads the shrunk model too.
+    channels = [64, 64, 128, 128] if isinstance(heads, list) else [32, 32, 64, 64]
+    heads = [c // 64 for c in channels] if isinstance(heads, list) else heads
     return {**config, "block_out_channels": channels, "attention_head_dim": heads, "cross_attention_dim": TEXT_WIDTH}
 
 

@@ -5,6 +5,8 @@ leaves out takes the default of the class that runs in both libraries."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import diffusers
 import numpy as np
 import pytest
@@ -49,13 +51,13 @@ def _ids(case) -> str:
 @pytest.fixture(scope="module", params=["sd15", "sd21"])
 def layout(request, tmp_path_factory):
     folder = published_folder(request.param, tmp_path_factory.mktemp(request.param) / "model")
-    return request.param, diffusers_pipeline(folder), sdjax.StableDiffusion.from_pretrained(folder)
+    return request.param, diffusers_pipeline(folder), sdjax.StableDiffusion.from_pretrained(folder), folder
 
 
 @pytest.fixture(scope="module", params=["sd15", "sd21"])
 def full_size_layout(request, tmp_path_factory):
     folder = published_folder(request.param, tmp_path_factory.mktemp(request.param) / "model", shrink=False)
-    return request.param, diffusers_pipeline(folder), sdjax.StableDiffusion.from_pretrained(folder)
+    return request.param, diffusers_pipeline(folder), sdjax.StableDiffusion.from_pretrained(folder), folder
 
 
 def _noise(seed: int = 0, size: int = SIZE) -> np.ndarray:
@@ -84,7 +86,7 @@ def _diffusers_images(pipe, sampler: str, karras: bool, steps: int, size: int = 
 
 
 def _check(layout, sampler: str, karras: bool, steps: int, size: int = SIZE) -> None:
-    name, pipe, ours = layout
+    name, pipe, ours, _ = layout
     ref = _diffusers_images(pipe, sampler, karras, steps, size)
     with pytest.warns(UserWarning, match="truncated"):
         images = ours.generate(
@@ -101,6 +103,52 @@ def _check(layout, sampler: str, karras: bool, steps: int, size: int = SIZE) -> 
     error = float(np.abs(images - ref).max())
     print(f"{name} {_ids((sampler, karras))} {steps} steps {size}px: max abs {error:.2e}")
     assert error <= ATOL
+
+
+def _single_file(folder, out):
+    """The published-layout folder written as an original LDM single file (what civitai-style files hold)."""
+    from safetensors.numpy import save_file
+    from safetensors.torch import load_file
+
+    from sdjax.single_file import diffusers_to_ldm
+
+    components = {}
+    for name in ("unet", "vae", "text_encoder"):
+        (file,) = (folder / name).glob("*.safetensors")
+        components[name] = {k: v.numpy() for k, v in load_file(file).items()}
+    save_file(diffusers_to_ldm(components), str(out))
+    return out
+
+
+def test_single_file_samples_with_no_tokenizer_argument(layout, tmp_path):
+    name, pipe, ours, _ = layout
+    file = _single_file(ours_folder(layout), tmp_path / f"{name}.safetensors")
+    prediction_type = "v_prediction" if name == "sd21" else None
+    single = sdjax.StableDiffusion.from_pretrained(file, prediction_type=prediction_type)
+    assert single.tokenizer.pad_token == ("!" if name == "sd21" else "<|endoftext|>")
+    assert single.schedule.to_dict() == ours.schedule.to_dict()  # the published scheduler config of the family
+    kwargs = dict(negative_prompts=NEGATIVE, num_inference_steps=4, sampler="euler", height=SIZE, width=SIZE)
+    with pytest.warns(UserWarning, match="truncated"):
+        a = single.generate(PROMPTS, latents=_noise(), **kwargs)
+    with pytest.warns(UserWarning, match="truncated"):
+        b = ours.generate(PROMPTS, latents=_noise(), **kwargs)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_sample_cli_takes_a_single_file_without_tokenizer(layout, tmp_path, capsys):
+    import sample
+
+    name, _, ours, _ = layout
+    file = _single_file(ours_folder(layout), tmp_path / f"{name}.safetensors")
+    args = ["--model", str(file), "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64"]
+    if name == "sd21":
+        args += ["--prediction-type", "v_prediction"]
+    assert sample.main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "0000.png").is_file()
+
+
+def ours_folder(layout) -> Path:
+    return layout[3]
 
 
 @pytest.mark.parametrize("steps", [12, pytest.param(50, marks=pytest.mark.slow)])
