@@ -1,0 +1,47 @@
+"""The published config.json files (tests/fixtures/published) build in sdjax, legacy fields and all, with
+exactly the parameter count of the PyTorch classes (counted on torch's meta device: nothing allocated)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import pytest
+import torch
+
+from sdjax import weights
+from tests.published import FIXTURES
+
+CASES = [
+    pytest.param(model.name, component, id=f"{model.name}-{component}")
+    for model in sorted(FIXTURES.iterdir())
+    if model.is_dir()
+    for component in ("unet", "vae", "text_encoder")
+]
+
+
+def _torch_count(folder) -> int:
+    import diffusers
+    import transformers
+
+    class_name, config = weights.read_component_config(folder)
+    with torch.device("meta"):
+        if class_name == "CLIPTextModel":
+            model = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config))
+        else:
+            model = getattr(diffusers, class_name).from_config(config)
+    # transformers registers position_ids as a buffer, not a parameter: parameters are what both count.
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, component", CASES)
+def test_published_config_builds_with_the_reference_parameter_count(name, component):
+    folder = FIXTURES / name / component
+    module = weights.build_component(folder)
+    ours = sum(math.prod(x.shape) for x in jax.tree.leaves(weights.param_shapes(module)))
+    assert ours == _torch_count(folder)
+
+
+def test_inpainting_unet_takes_nine_input_channels():
+    module = weights.build_component(FIXTURES / "sd15_inpainting" / "unet")
+    assert module.config.in_channels == 9
