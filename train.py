@@ -5,6 +5,7 @@ r"""Trains an sdjax model: stage 1 (VAE) or stage 2 (latent diffusion), from scr
     python train.py --config=configs/shapes64.py:tiny --workdir=/tmp/tiny    # smoke-test variant of a config
 
 Every config field can be overridden with --config.<field>=<value> (ml_collections config_flags).
+--nocompile_cache (or SDJAX_NO_COMPILE_CACHE=1) skips JAX's persistent compilation cache.
 
 Resuming: rerun the same command on the same --workdir. The run restores its latest checkpoint
 (workdir/checkpoints/<step>) and continues with the same data order and randomness, also after a SIGKILL.
@@ -38,6 +39,9 @@ from sdjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the model folder, checkpoints, logs and samples.")
+_COMPILE_CACHE = flags.DEFINE_bool(
+    "compile_cache", True, "JAX's persistent compilation cache ($SDJAX_CACHE_DIR, else ~/.cache/sdjax/jax)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,6 +52,11 @@ def main(argv: list[str]) -> None:
     # Orbax logs every save step by step at INFO: keep its warnings only, so the progress bar stays readable.
     handler = logging.get_absl_handler().python_handler
     handler.addFilter(lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
+
+    if _COMPILE_CACHE.value:  # a rerun (resume) reads the update step and the preview sampler from disk
+        from sdjax.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
 
     # --- Cluster: must run before anything touches a JAX device.
     if config.get("distributed"):

@@ -7,7 +7,7 @@ images = pipe.generate(["a red circle on a blue background"], num_inference_step
 
 from typing import Any
 
-__all__ = ["SAMPLERS", "PipelineError", "StableDiffusion"]
+__all__ = ["SAMPLERS", "PipelineError", "StableDiffusion", "enable_compile_cache"]
 __version__ = "0.1.0"
 
 
@@ -18,6 +18,10 @@ def __getattr__(name: str) -> Any:
         from sdjax import pipeline
 
         return getattr(pipeline, name)
+    if name == "enable_compile_cache":
+        from sdjax.compile_cache import enable_compile_cache
+
+        return enable_compile_cache
     if name == "SAMPLERS":
         from sdjax.samplers import SAMPLERS
 

@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("destination", help="folder to write")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored weight dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--no-compile-cache", action="store_true", help="skip JAX's persistent compilation cache")
     args = parser.parse_args(argv)
+    if not args.no_compile_cache:
+        from sdjax.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
     try:
         path = export(args.source, args.destination, args.dtype, overwrite=args.overwrite)
     except ValueError as e:  # sdjax's errors say what is wrong and what is accepted

@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", default=None, help="also save the images as one PNG grid (a row per prompt)")
+    parser.add_argument("--no-compile-cache", action="store_true", help="skip JAX's persistent compilation cache")
     args = parser.parse_args(argv)
+    if not args.no_compile_cache:
+        from sdjax.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
 
     from sdjax.images import image_grid, save_png
     from sdjax.pipeline import StableDiffusion
