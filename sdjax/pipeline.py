@@ -117,7 +117,7 @@ class StableDiffusion:
         for name in NETWORKS:
             if name in trained:
                 modules[name] = weights.build_component(path / name, dtype)
-                params[name] = jax.tree.map(lambda x: jnp.asarray(x, dtype), trained[name])
+                params[name] = weights.to_device(trained[name], dtype)
             else:
                 modules[name], params[name] = weights.load_component(path / name, dtype, variant)
         scheduler_config = path / "scheduler" / "scheduler_config.json"
@@ -242,20 +242,28 @@ class StableDiffusion:
         scalars = _shard(jnp.array([[guidance_scale, eta]] * d * per_device, jnp.float32), d, per_device)
         fn = _generate_fn(self.unet, self.vae, plan, do_cfg, init is not None, d, progress)
         call_args = (self._replicated_params(devices[:d]), scalars, *args)
-        compiled, compile_s = self._compile(fn, call_args)
+        static = (self.unet, self.vae, plan, do_cfg, init is not None, d)
+        compiled, compile_s = self._compile(fn, call_args, None if progress or d > 1 else repr(static))
         start = time.perf_counter()
         images = np.asarray(compiled(*call_args), dtype=np.float32).reshape(d * per_device, height, width, 3)
         self.last_timings = {"compile_s": compile_s, "generate_s": time.perf_counter() - start, "images": n}
         return images[:n]
 
-    def _compile(self, fn: Any, args: tuple) -> tuple[Any, float]:
+    def _compile(self, fn: Any, args: tuple, trace_key: str | None) -> tuple[Any, float]:
         """Ahead-of-time compiles ``fn`` for these argument shapes once; returns it and the compile seconds
-        (0 when cached)."""
+        (0 when compiled before in this process). ``trace_key`` (everything static about ``fn``) lets the
+        on-disk trace cache skip tracing (see :mod:`sdjax.compile_cache`); None for programs it cannot hold
+        (host callbacks of the progress bar, pmap)."""
+        from sdjax import compile_cache
+
         signature = (fn, tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)))
         if signature in self._compiled:
             return self._compiled[signature], 0.0
         start = time.perf_counter()
-        self._compiled[signature] = fn.lower(*args).compile()
+        if trace_key is None:
+            self._compiled[signature] = fn.lower(*args).compile()
+        else:
+            self._compiled[signature] = compile_cache.compile_traced(trace_key, fn, args)
         return self._compiled[signature], time.perf_counter() - start
 
     def _image_size(self, height: int | None, width: int | None) -> tuple[int, int]:

@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -631,5 +630,5 @@ def load_single_file(
             ignored=module.torch_ignored_keys,
             component=f"{class_name} ({path.name})",
         )
-        modules[name], params[name] = module, jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), tree)
+        modules[name], params[name] = module, weights.to_device(tree, dtype)
     return modules, params, configs["scheduler"]

@@ -30,7 +30,9 @@ folder = sdjax.enable_compile_cache()
 pipe = sdjax.StableDiffusion.from_pretrained(sys.argv[1])
 images = pipe.generate(["a red circle"], num_inference_steps=3, height=int(sys.argv[2]), width=int(sys.argv[2]))
 assert images.shape[1] == int(sys.argv[2])
-print(json.dumps({**counts, "folder": str(folder), "compile_s": pipe.last_timings["compile_s"]}))
+import hashlib
+digest = hashlib.sha256(images.tobytes()).hexdigest()
+print(json.dumps({**counts, "folder": str(folder), "compile_s": pipe.last_timings["compile_s"], "images": digest}))
 """
 
 
@@ -63,6 +65,12 @@ def test_second_process_reads_the_compiled_programs_from_the_cache(model, cache)
     assert any(cache.iterdir())
     second = _run(model, cache)
     assert second["requests"] > 0 and second["hits"] == second["requests"]  # nothing compiled again
+    # ... nor traced: the sampling program and the networks' parameter shapes come from the trace cache.
+    assert any((cache / "exported").iterdir()) and len(list((cache / "param_shapes").iterdir())) == 3
+
+
+def test_cached_programs_give_the_images_of_a_fresh_compile(model, cache, tmp_path):
+    assert _run(model, cache)["images"] == _run(model, tmp_path / "off", SDJAX_NO_COMPILE_CACHE="1")["images"]
 
 
 def test_a_different_image_size_misses_the_cache(model, cache):
