@@ -67,6 +67,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError (one line) for arguments that are wrong whatever the model: numbers, sizes, the init image,
+    the output folder (created here if missing, so that a late failure to write cannot lose the images)."""
+    from sdjax import pipeline
+
+    pipeline._check_generate_args(args.guidance, args.eta, args.strength, args.seed, args.num_images)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= pipeline.MAX_IMAGE_SIDE:
+            raise ValueError(f"--{name} must be in [8, {pipeline.MAX_IMAGE_SIDE}] pixels, got {value}")
+    if args.init_image is not None:
+        pipeline.read_image(args.init_image)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".sdjax-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} is not a writable folder: {e.strerror}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     origin = START if argv is None else time.perf_counter()  # called as a script: count the imports too
     args = parse_args(argv)
@@ -77,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         sdjax.enable_compile_cache()
     import_s = time.perf_counter() - origin
     model = Path(args.model) if args.model else DEFAULT_MODEL
+    try:  # everything that can be checked without the model, before the seconds of loading it
+        check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     negative = args.negative_prompt
     if negative is not None and len(negative) == 1:
         negative = negative[0]

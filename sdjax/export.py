@@ -19,22 +19,74 @@ from pathlib import Path
 def export(source: str | Path, destination: str | Path, dtype: str = "float32", *, overwrite: bool = False) -> Path:
     """Loads ``source`` (workdir, diffusers folder or single file) and writes it to ``destination`` with weights
     stored as ``dtype`` ("float32" or "float16"). Returns the destination path."""
-    from sdjax.pipeline import PipelineError, StableDiffusion
+    from sdjax import weights
+    from sdjax.pipeline import StableDiffusion
 
     destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise PipelineError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
+    check_destination(source, destination, overwrite)
     pipe = StableDiffusion.from_pretrained(source)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    old = destination.with_name(f".{destination.name}.replaced")
     try:
         pipe.save_pretrained(staging, dtype=dtype)
-        if destination.exists():
-            shutil.rmtree(destination)
+        weights.follow_umask(staging)  # mkdtemp makes the folder 0700
+        if destination.exists():  # the old folder is set aside until the new one is in place
+            destination.rename(old)
         staging.rename(destination)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not destination.exists():
+            old.rename(destination)
     return destination
+
+
+# What a diffusers / sdjax model folder holds; --overwrite replaces only a folder made of these.
+MODEL_FOLDER_ENTRIES = frozenset(
+    {
+        "model_index.json",
+        "unet",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+        "safety_checker",
+        "feature_extractor",
+        "image_encoder",
+        "README.md",
+        ".gitattributes",
+    }
+)
+
+
+def check_destination(source: str | Path, destination: Path, overwrite: bool) -> None:
+    """Raises PipelineError unless writing ``destination`` can only replace a model folder sdjax recognises:
+    never ``.``, the source, a folder holding the source, a file, or a folder with other files in it."""
+    from sdjax.pipeline import PipelineError
+
+    dest, src = destination.resolve(), Path(source).resolve()
+    if dest == Path.cwd().resolve() or dest == src or dest in src.parents:
+        raise PipelineError(
+            f"destination {destination} is the current folder, the source or a folder holding the source; "
+            "export into a new folder"
+        )
+    if not destination.exists() and not destination.is_symlink():
+        return
+    if not overwrite:
+        raise PipelineError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
+    if not destination.is_dir() or destination.is_symlink():
+        raise PipelineError(f"{destination} exists and is not a folder; --overwrite replaces only model folders")
+    entries = {p.name for p in destination.iterdir()}
+    foreign = sorted(entries - MODEL_FOLDER_ENTRIES)
+    if foreign or (entries and "model_index.json" not in entries):
+        listed = ", ".join(foreign[:5]) or "no model_index.json"
+        raise PipelineError(
+            f"{destination} is not a diffusers model folder ({listed}); --overwrite replaces only a folder "
+            "holding model_index.json and component folders"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,12 @@ _SAVE_DTYPES = {"float32": np.float32, "float16": np.float16}
 NETWORKS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
 
 
+# Largest image side generate() accepts (pixels): SDXL's 1024 four times over; the activations of bigger images
+# do not fit an accelerator's memory, and XLA's shape arithmetic overflows far beyond.
+MAX_IMAGE_SIDE = 4096
+MAX_SEED = 2**63 - 1
+
+
 class PipelineError(ValueError):
     """A model path or a generate() argument sdjax cannot use."""
 
@@ -217,11 +223,13 @@ class StableDiffusion:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PipelineError("prompts is empty; pass a string or a non-empty list of strings")
+        _check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         negative_prompts = _negative_prompts(negative_prompts, len(prompts))
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negative_prompts = [p for p in negative_prompts for _ in range(num_images_per_prompt)]
         n = len(prompts)
         height, width = self._image_size(height, width)
+        init = None if init_image is None else _load_image(init_image, height, width)
         plan = _plan(self.schedule, sampler, num_inference_steps, strength if init_image is not None else 1.0,
                      use_karras_sigmas)  # fmt: skip
         latent_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor, self.unet.config.in_channels)
@@ -229,7 +237,6 @@ class StableDiffusion:
         do_cfg = guidance_scale > 1.0
         context = self.encode_prompt(prompts)
         uncond = self.encode_prompt(negative_prompts) if do_cfg else context
-        init = None if init_image is None else _load_image(init_image, height, width)
 
         devices = jax.local_devices()
         d = min(len(devices), n)
@@ -247,6 +254,11 @@ class StableDiffusion:
         start = time.perf_counter()
         images = np.asarray(compiled(*call_args), dtype=np.float32).reshape(d * per_device, height, width, 3)
         self.last_timings = {"compile_s": compile_s, "generate_s": time.perf_counter() - start, "images": n}
+        if not np.isfinite(images[:n]).all():
+            raise PipelineError(
+                "the sampler produced non-finite (NaN/inf) images; check the weights (a float16 model in "
+                "float16 can overflow: load it with dtype=float32 or bfloat16) and the latents / init image"
+            )
         return images[:n]
 
     def _compile(self, fn: Any, args: tuple, trace_key: str | None) -> tuple[Any, float]:
@@ -268,20 +280,27 @@ class StableDiffusion:
 
     def _image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or default, width or default
-        if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
+        height = default if height is None else height
+        width = default if width is None else width
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise PipelineError(f"{name} must be an int (pixels), got {value!r}")
+        if height % factor or width % factor or not 0 < height <= MAX_IMAGE_SIDE or not 0 < width <= MAX_IMAGE_SIDE:
             raise PipelineError(
-                f"height and width must be positive multiples of {self.vae_scale_factor} "
-                f"(the VAE's downsampling factor), got {height}x{width}"
+                f"height and width must be multiples of {factor} (the VAE's downsampling factor) in "
+                f"[{factor}, {MAX_IMAGE_SIDE}], got {height}x{width}"
             )
         return height, width
 
     def _initial_noise(self, latents: Any, seed: int, n: int, shape: tuple[int, int, int]) -> jax.Array:
         if latents is not None:
-            latents = jnp.asarray(latents, jnp.float32)
+            latents = np.asarray(latents, np.float32)
             if latents.shape != (n, *shape):
                 raise PipelineError(f"latents must have shape {(n, *shape)} (N, H/8, W/8, C), got {latents.shape}")
-            return latents
+            if not np.isfinite(latents).all():
+                raise PipelineError("latents contain NaN or inf; pass finite standard-normal noise")
+            return jnp.asarray(latents)
         return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _INITIAL_NOISE), shape))(_image_keys(seed, n))
 
     def _replicated_params(self, devices: list[Any]) -> Any:
@@ -326,6 +345,25 @@ def _read_model_index(path: Path) -> dict[str, Any]:
     return index
 
 
+def _finite_number(name: str, value: Any, low: float, high: float = float("inf")) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PipelineError(f"{name} must be a number, got {value!r}")
+    if not (np.isfinite(value) and low <= value <= high):
+        upper = "" if high == float("inf") else f", {high}]"
+        raise PipelineError(f"{name} must be a finite number in [{low}{upper or ', inf)'}, got {value!r}")
+
+
+def _check_generate_args(guidance_scale: Any, eta: Any, strength: Any, seed: Any, num_images: Any) -> None:
+    """One line per bad argument, before anything is computed."""
+    _finite_number("guidance_scale", guidance_scale, 0.0)
+    _finite_number("eta", eta, 0.0)
+    _finite_number("strength", strength, 0.0, 1.0)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise PipelineError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise PipelineError(f"num_images_per_prompt must be an int >= 1, got {num_images!r}")
+
+
 def _negative_prompts(negative_prompts: str | list[str] | None, n: int) -> list[str]:
     if negative_prompts is None:
         return [""] * n
@@ -337,23 +375,55 @@ def _negative_prompts(negative_prompts: str | list[str] | None, n: int) -> list[
 
 
 def _load_image(image: Any, height: int, width: int) -> jax.Array:
-    """Path / PIL / array -> (height, width, 3) float32 in [-1, 1]."""
+    """Path / PIL image (any mode: 16-bit, palette, RGBA, grayscale) / array (H, W, 3) uint8 or float in [0, 1]
+    -> (height, width, 3) float32 in [-1, 1]."""
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as f:
-                image = f.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise PipelineError(f"init image {image} cannot be read as an image: {e}") from e
+        image = read_image(image)
     if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB").resize((width, height), Image.LANCZOS), np.float32) / 255.0
+        array = np.asarray(_rgb(image).resize((width, height), Image.LANCZOS), np.float32) / 255.0
     else:
         array = np.asarray(image)
         if array.ndim != 3 or array.shape[-1] != 3:
             raise PipelineError(f"init image must be (H, W, 3), got shape {array.shape}")
-        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255.0
+        elif np.issubdtype(array.dtype, np.floating):
+            array = array.astype(np.float32)
+            if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+                raise PipelineError(
+                    f"a float init image must be finite and in [0, 1], got values in [{array.min()}, {array.max()}]"
+                    " (divide 0-255 data by 255, or pass uint8)"
+                )
+        else:
+            raise PipelineError(f"init image arrays must be uint8 or float in [0, 1], got dtype {array.dtype}")
         if array.shape[:2] != (height, width):
             array = np.asarray(jax.image.resize(array, (height, width, 3), "bilinear"))
     return jnp.asarray(array * 2.0 - 1.0)
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Opens and fully reads an image file; PipelineError naming the file when it is not a readable image."""
+    try:
+        with Image.open(path) as f:
+            f.load()
+            return f.copy()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise PipelineError(f"init image {path} cannot be read as an image: {e}") from e
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL mode: 16-bit and 32-bit integer / float grayscale are scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, np.float64)
+        scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if image.mode == "F" and values.max() <= 1.0:
+            scale = 1.0
+        gray = np.clip(np.round(values / scale * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparent -> white, as viewers show
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 def _shard(x: jax.Array, d: int, per_device: int) -> jax.Array:
@@ -369,7 +439,10 @@ def _shard(x: jax.Array, d: int, per_device: int) -> jax.Array:
 def _plan(cfg: schedule.ScheduleConfig, sampler: str, steps: int, strength: float, karras: bool | None):
     if sampler not in samplers.SAMPLERS:
         raise PipelineError(f"unknown sampler {sampler!r}; choose one of: {', '.join(samplers.SAMPLERS)}")
-    return samplers.make_plan(cfg, sampler, steps, strength=strength, use_karras_sigmas=karras)
+    try:
+        return samplers.make_plan(cfg, sampler, steps, strength=strength, use_karras_sigmas=karras)
+    except ValueError as e:  # one error class for every bad generate() argument
+        raise PipelineError(str(e)) from e
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -630,5 +630,6 @@ def load_single_file(
             ignored=module.torch_ignored_keys,
             component=f"{class_name} ({path.name})",
         )
+        weights.check_finite(tree, f"{class_name} ({path.name})")
         modules[name], params[name] = module, weights.to_device(tree, dtype)
     return modules, params, configs["scheduler"]

@@ -10,6 +10,7 @@ in one :class:`WeightsError`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -270,7 +271,19 @@ def load_component(folder: str | Path, dtype: Any = jnp.float32, variant: str | 
         ignored=module.torch_ignored_keys,
         component=f"{module.config_class.class_name} ({folder})",
     )
+    check_finite(params, f"{module.config_class.class_name} ({folder})")
     return module, to_device(params, dtype)
+
+
+def check_finite(params: Params, component: str) -> None:
+    """WeightsError naming the first tensors holding NaN or inf (one pass over the host arrays)."""
+    bad = [
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if not np.isfinite(np.asarray(x)).all()
+    ]
+    if bad:
+        raise WeightsError(f"{component}: weights with NaN or inf values: {_short_list(bad)}; the file is damaged")
 
 
 def to_device(params: Params, dtype: Any) -> Params:
@@ -300,5 +313,17 @@ def save_component(module: Any, params: Params, folder: str | Path, dtype: Any =
     _, library = component_class(module.config_class.class_name)
     state = flax_to_torch(params, renames=getattr(module, "torch_export_renames", ()))
     state = {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in state.items()}
-    save_file(state, str(folder / f"{WEIGHTS_NAME[library]}.safetensors"), metadata={"format": "pt"})
+    file = folder / f"{WEIGHTS_NAME[library]}.safetensors"
+    save_file(state, str(file), metadata={"format": "pt"})
+    follow_umask(file)  # safetensors creates files 0600: other users and hosts could not read the weights
     (folder / "config.json").write_text(json.dumps(component_config(module), indent=2) + "\n")
+
+
+def follow_umask(path: str | Path) -> None:
+    """Gives ``path`` (a file, or a folder and everything in it) the permissions a new file of the user gets:
+    0666 / 0777 less the umask. For files created by code that picks its own mode (safetensors, mkdtemp)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)

@@ -1,0 +1,203 @@
+"""Bad input, table-driven: one clear line naming what is wrong and what is accepted, a non-zero exit for the
+CLIs, nothing written or deleted that was not the command's own; valid-but-odd input (16-bit, palette, RGBA
+images) gives the right result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample
+import sdjax
+from sdjax import export
+from sdjax.pipeline import PipelineError, _load_image
+from tests.reference import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd")
+    tiny_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return sdjax.StableDiffusion.from_pretrained(model)
+
+
+GENERATE_CASES = [
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=-2.0), "guidance_scale must be a finite number in \\[0.0"),
+    (dict(eta=float("nan")), "eta must be a finite number"),
+    (dict(eta=-0.5), "eta must be a finite number"),
+    (dict(strength=float("nan"), init_image=np.zeros((16, 16, 3), np.uint8)), "strength must be a finite number"),
+    (dict(height=0), "height and width must be multiples of"),
+    (dict(height=100000, width=100000), "height and width must be multiples of .* in \\[2, 4096\\]"),
+    (dict(height=17), "height and width must be multiples of 2"),
+    (dict(height=16.0), "height must be an int"),
+    (dict(seed=-1), "seed must be an int in"),
+    (dict(seed=2**64), "seed must be an int in"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be an int >= 1"),
+    (dict(sampler="plms"), "unknown sampler 'plms'"),
+    (dict(num_inference_steps=0), "num_steps must be an int in \\[1, 1000\\]"),
+    (dict(latents=np.full((1, 8, 8, 4), np.nan, np.float32)), "latents contain NaN or inf"),
+    (dict(init_image=np.full((16, 16, 3), 200.0, np.float32)), "float init image must be finite and in \\[0, 1\\]"),
+    (dict(init_image=np.zeros((16, 16, 3), np.uint16)), "uint8 or float in \\[0, 1\\]"),
+    (dict(init_image=np.zeros((16, 16), np.uint8)), "init image must be \\(H, W, 3\\)"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", GENERATE_CASES, ids=[m[:40] for _, m in GENERATE_CASES])
+def test_generate_rejects_bad_arguments_in_one_line(pipe, kwargs, message):
+    kwargs = {"num_inference_steps": 2, **kwargs}
+    with pytest.raises(PipelineError, match=message) as info:
+        pipe.generate(["a red circle"], **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_weights_are_named_on_load(model, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(model, folder)
+    (file,) = (folder / "unet").glob("*.safetensors")
+    state = load_file(str(file))
+    state["conv_in.weight"] = np.full_like(state["conv_in.weight"], np.nan)
+    save_file(state, str(file))
+    with pytest.raises(ValueError, match="NaN or inf values: conv_in/kernel"):
+        sdjax.StableDiffusion.from_pretrained(folder)
+
+
+def test_non_finite_images_are_an_error_not_a_black_png(pipe, monkeypatch):
+    import jax
+
+    bad = jax.tree.map(lambda x: x * np.inf, pipe.params["vae"])
+    monkeypatch.setitem(pipe.params, "vae", bad)
+    with pytest.raises(PipelineError, match="non-finite"):
+        pipe.generate(["a red circle"], num_inference_steps=2)
+
+
+# ------------------------------------------------------------------------------------------- odd but valid images
+
+
+def _gradient(size: int = 16) -> np.ndarray:
+    return np.linspace(0, 1, size * size).reshape(size, size)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: Image.fromarray((g * 65535).astype(np.uint16)),  # 16-bit grayscale ("I;16")
+        lambda g: Image.fromarray((g * 255).astype(np.uint8)).convert("P"),  # palette
+        lambda g: Image.fromarray((g * 255).astype(np.uint8)).convert("RGBA"),  # RGBA, opaque
+        lambda g: Image.fromarray((g * 255).astype(np.uint8)),  # 8-bit grayscale
+    ],
+    ids=["16-bit", "palette", "rgba", "grayscale"],
+)
+def test_init_images_of_any_mode_read_as_their_pixels(make, tmp_path):
+    path = tmp_path / "init.png"
+    make(_gradient()).save(path)
+    image = np.asarray(_load_image(path, 16, 16))
+    expected = _gradient() * 2 - 1
+    assert np.abs(image[..., 0] - expected).max() < 0.03  # 8-bit rounding + LANCZOS at the same size
+
+
+def test_transparent_pixels_read_as_white(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)  # fully transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert np.allclose(np.asarray(_load_image(tmp_path / "clear.png", 16, 16)), 1.0)
+
+
+# ------------------------------------------------------------------------------------------- sample.py
+
+SAMPLE_CASES = [
+    (["--guidance", "inf"], "guidance_scale must be a finite number"),
+    (["--eta", "nan"], "eta must be a finite number"),
+    (["--height", "0"], "--height must be in"),
+    (["--height", "100000", "--width", "100000"], "--height must be in"),
+    (["--num-images", "0"], "num_images_per_prompt must be an int >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--seed", "-3"], "seed must be an int"),
+    (["--strength", "1.5", "--init-image", "x.png"], "strength must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("extra, message", SAMPLE_CASES, ids=[m[:30] for _, m in SAMPLE_CASES])
+def test_sample_cli_rejects_bad_arguments_before_loading(model, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code = sample.main(["--model", str(model / "missing"), "--prompt", "x", "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+    assert not out.exists()  # checked before the (missing) model was touched: nothing created
+
+
+def test_sample_cli_rejects_an_unreadable_init_image_and_a_file_as_out(model, tmp_path, capsys):
+    (tmp_path / "not_an_image.png").write_text("hello")
+    args = ["--model", str(model), "--prompt", "x", "--steps", "2"]
+    assert sample.main([*args, "--init-image", str(tmp_path / "not_an_image.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot be read as an image" in capsys.readouterr().err
+    (tmp_path / "file").write_text("keep me")
+    assert sample.main([*args, "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_sample_cli_refuses_a_read_only_out_folder(model, tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    assert sample.main(["--model", str(model), "--prompt", "x", "--out", str(ro)]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("where", ["cwd", "source", "parent"])
+def test_export_refuses_the_current_folder_the_source_and_its_parents(model, tmp_path, monkeypatch, capsys, where):
+    import shutil
+
+    source = tmp_path / "work" / "source"
+    shutil.copytree(model, source)
+    (tmp_path / "work" / "sibling.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path / "work")
+    destination = {"cwd": ".", "source": str(source), "parent": str(tmp_path / "work")}[where]
+    assert export.main([str(source), destination, "--overwrite"]) == 2
+    assert "the current folder, the source or a folder holding the source" in capsys.readouterr().err
+    assert (tmp_path / "work" / "sibling.txt").read_text() == "keep me" and (source / "model_index.json").is_file()
+
+
+def test_export_refuses_to_replace_a_folder_of_other_files(model, tmp_path, capsys):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"precious")
+    assert export.main([str(model), str(other), "--overwrite"]) == 2
+    assert "is not a diffusers model folder (holiday.jpg)" in capsys.readouterr().err
+    assert (other / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_export_overwrite_replaces_a_model_folder(model, tmp_path):
+    assert export.main([str(model), str(tmp_path / "out")]) == 0
+    assert export.main([str(model), str(tmp_path / "out"), "--overwrite"]) == 0
+    assert (tmp_path / "out" / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or set-aside folder left
+
+
+def test_written_weight_files_follow_the_umask(model, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert export.main([str(model), str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    for file in (tmp_path / "out").rglob("*.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o644, file
