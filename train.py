@@ -29,7 +29,12 @@ sdjax.StableDiffusion.from_pretrained(workdir).
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Quiet third-party start-up chatter: TensorFlow's C++ INFO lines, transformers' "PyTorch was not found".
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import jax
 from absl import app, flags, logging
@@ -39,6 +44,7 @@ from sdjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the model folder, checkpoints, logs and samples.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Log at INFO level (Orbax, JAX, sdjax); default: warnings only.")
 _COMPILE_CACHE = flags.DEFINE_bool(
     "compile_cache", True, "JAX's persistent compilation cache ($SDJAX_CACHE_DIR, else ~/.cache/sdjax/jax)."
 )
@@ -49,9 +55,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.<field>=<value>")
     config = _CONFIG.value
-    # Orbax logs every save step by step at INFO: keep its warnings only, so the progress bar stays readable.
-    handler = logging.get_absl_handler().python_handler
-    handler.addFilter(lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
+    # Quiet by default: Orbax logs every save step by step and JAX its backend search at INFO.
+    logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)
 
     if _COMPILE_CACHE.value:  # a rerun (resume) reads the update step and the preview sampler from disk
         from sdjax.compile_cache import enable_compile_cache
@@ -75,5 +80,49 @@ def main(argv: list[str]) -> None:
         sys.exit(f"train.py: {type(e).__name__}: {e}")
 
 
+def _config_override_error(argv: list[str], error: Exception) -> str:
+    """One line for a --config.<field> override that does not apply, with close matches among the fields."""
+    import difflib
+    import importlib.util
+
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    fields: list[str] = []
+    if spec:
+        path, _, arg = spec.partition(":")
+        try:
+            module_spec = importlib.util.spec_from_file_location("_train_config", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            config = module.get_config(arg or None)
+            fields = [k for k, _ in _flatten(config.to_dict())]
+        except Exception:  # noqa: BLE001 - the config file itself is broken: report the original error
+            return f"train.py: cannot read config {spec}: {error}"
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            name = arg[len("--config.") :].split("=", 1)[0]
+            if fields and name not in fields:
+                close = difflib.get_close_matches(name, fields, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                return f"train.py: unknown config field {name!r} (from {arg}){hint}"
+    return f"train.py: bad --config value: {type(error).__name__}: {error}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 if __name__ == "__main__":
-    app.run(main)
+    try:  # parse up front: a bad --config.<field> is one line, not absl's traceback
+        remaining = flags.FLAGS(sys.argv)
+        _CONFIG.value  # noqa: B018 - loading the config applies the overrides
+    except flags.Error as e:
+        sys.exit(f"train.py: {e}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        sys.exit(_config_override_error(sys.argv, e))
+    app.run(main, flags_parser=lambda argv: remaining)
