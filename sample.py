@@ -31,21 +31,25 @@ import jax.numpy as jnp  # noqa: E402
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes64"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from sdjax.samplers import SAMPLERS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", action="append", default=None, help="one for all, or one per prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampler")
     parser.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_ancestral, dpmpp_2m, heun)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="image i uses (seed, i)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (None: the model's sample size)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (None: the model's sample size)")
     parser.add_argument("--model", default=None, help=f"diffusers folder or sdjax workdir (default {DEFAULT_MODEL})")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: built in)")
     parser.add_argument(

@@ -129,13 +129,17 @@ class StableDiffusion:
         scheduler_config = path / "scheduler" / "scheduler_config.json"
         if not scheduler_config.is_file():
             raise PipelineError(f"{path} has no scheduler/scheduler_config.json")
+        try:
+            schedule_cfg = schedule.ScheduleConfig.from_dict(weights.read_json(scheduler_config))
+        except (TypeError, ValueError) as e:
+            raise PipelineError(f"{scheduler_config}: {e}") from e
         return cls(
             unet=modules["unet"],
             vae=modules["vae"],
             text_encoder=modules["text_encoder"],
             params=params,
             tokenizer=tokenizer.load_tokenizer(path / "tokenizer"),
-            schedule=schedule.ScheduleConfig.from_json_file(scheduler_config),
+            schedule=schedule_cfg,
             scheduler_class=index.get("scheduler", [None, "DDIMScheduler"])[1],
         )
 
@@ -333,7 +337,7 @@ def _read_model_index(path: Path) -> dict[str, Any]:
         raise PipelineError(
             f"{path} has no model_index.json; expected a diffusers Stable Diffusion folder or an sdjax workdir"
         )
-    index = json.loads(index_file.read_text())
+    index = weights.read_json(index_file)
     if index.get("_class_name") not in PIPELINE_CLASSES:
         raise PipelineError(
             f"{index_file} describes a {index.get('_class_name')!r}; supported: {', '.join(PIPELINE_CLASSES)}"

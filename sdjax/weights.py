@@ -54,6 +54,17 @@ def _short_list(items: list[str], limit: int = 5) -> str:
 # --- files
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``; WeightsError naming the file when it is unreadable or not a JSON object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path} is not a readable JSON file: {e}") from e
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def find_weight_files(folder: str | Path, library: str = "diffusers", variant: str | None = None) -> list[Path]:
     """The safetensors file(s) of one component folder: ``<name>[.variant].safetensors`` or a sharded
     ``<name>[.variant].safetensors.index.json``. Without a variant, the plain file wins over ``.fp16``."""
@@ -66,7 +77,9 @@ def find_weight_files(folder: str | Path, library: str = "diffusers", variant: s
             return [folder / name]
         index = folder / f"{name}.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise WeightsError(f"{index} has no weight_map; expected a safetensors shard index")
             return [folder / f for f in sorted(set(weight_map.values()))]
     found = sorted(p.name for p in folder.glob("*") if p.suffix in {".safetensors", ".bin", ".ckpt", ".pt"})
     hint = " (PyTorch pickles are not read: re-save with safe_serialization=True)" if found else ""
@@ -225,10 +238,7 @@ def read_component_config(folder: str | Path) -> tuple[str, dict[str, Any]]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise WeightsError(f"{folder} has no config.json; expected a diffusers/transformers component folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path} is not valid JSON: {e}") from e
+    config = read_json(path)
     class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
     if class_name is None:
         raise WeightsError(f"{path} names no model class (_class_name or architectures)")

@@ -201,3 +201,85 @@ def test_written_weight_files_follow_the_umask(model, tmp_path):
         os.umask(old)
     for file in (tmp_path / "out").rglob("*.safetensors"):
         assert file.stat().st_mode & 0o777 == 0o644, file
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def _tiny_config(stage: str = "vae"):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / ("shapes64_vae.py" if stage == "vae" else "shapes64.py")
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("tiny")
+
+
+TRAIN_CASES = [
+    ({"optim.lr": -1e-3}, "optim.lr must be a finite number > 0"),
+    ({"optim.lr": float("nan")}, "optim.lr must be a finite number > 0"),
+    ({"steps": 0}, "steps must be an int >= 1"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    ({"data.source": "/no/such/folder"}, "data.source /no/such/folder does not exist"),
+    ({"stage": "lora2"}, "unknown stage 'lora2'"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", TRAIN_CASES, ids=[m[:30] for _, m in TRAIN_CASES])
+def test_bad_training_configs_fail_before_the_workdir_exists(tmp_path, overrides, message):
+    from sdjax.train import loop
+
+    config = _tiny_config()
+    for key, value in overrides.items():
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    with pytest.raises(loop.TrainConfigError, match=message):
+        loop.train_and_evaluate(config, tmp_path / "workdir")
+    assert not (tmp_path / "workdir").exists()
+
+
+def test_an_empty_data_folder_is_refused(tmp_path):
+    from sdjax.train import loop
+
+    (tmp_path / "empty").mkdir()
+    config = _tiny_config()
+    config.data.source = str(tmp_path / "empty")
+    with pytest.raises(loop.TrainConfigError, match="is an empty folder"):
+        loop.train_and_evaluate(config, tmp_path / "workdir")
+
+
+def test_resuming_with_another_architecture_names_the_fields(tmp_path):
+    from sdjax.train import loop
+
+    config = _tiny_config()
+    (tmp_path / "train_config.json").write_text(config.to_json_best_effort())
+    changed = _tiny_config()
+    changed.vae.layers_per_block = 2
+    changed.steps = config.steps + 10  # training-only: allowed
+    with pytest.raises(loop.TrainConfigError, match="vae.layers_per_block differ"):
+        loop.check_same_model(changed, tmp_path)
+    longer = _tiny_config()
+    longer.steps = config.steps + 10
+    loop.check_same_model(longer, tmp_path)  # no error
+
+
+def test_train_cli_names_an_unknown_config_field_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/shapes64_vae.py:tiny", f"--workdir={tmp_path / 'w'}",
+         "--config.optim.lrr=0.1"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: unknown config field 'optim.lrr'") and "optim.lr" in last
+    assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()

@@ -469,7 +469,8 @@ def test_sigkilled_run_continues_from_its_last_checkpoint(tmp_path, data_dir, co
         run.kill()  # SIGKILL: no handler, no final save
         run.wait()
     killed_at = max(complete_checkpoints(tmp_path))
-    rerun = subprocess.run([*command, f"--config.steps={killed_at + 2}", "--alsologtostderr"], cwd=REPO, env=env,
+    rerun = subprocess.run([*command, f"--config.steps={killed_at + 2}", "--alsologtostderr", "--verbose"],
+                           cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / str(killed_at)} at step {killed_at}" in rerun.stderr
