@@ -51,6 +51,24 @@ _COMPILE_CACHE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _cluster_from_env() -> dict[str, object]:
+    """jax.distributed.initialize arguments from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+
+    JAX itself reads only the first of them (it wants the others as arguments or from a cluster it detects:
+    Cloud TPU, SLURM...), so a cluster described by the three variables would not start without this."""
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" not in env or "JAX_NUM_PROCESSES" not in env:
+        return {}  # auto-detection (Cloud TPU, SLURM, ...)
+    try:
+        return {
+            "coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+            "num_processes": int(env["JAX_NUM_PROCESSES"]),
+            "process_id": int(env.get("JAX_PROCESS_ID", "")),
+        }
+    except ValueError:
+        sys.exit("train.py: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers (set all three variables)")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.<field>=<value>")
@@ -65,7 +83,7 @@ def main(argv: list[str]) -> None:
 
     # --- Cluster: must run before anything touches a JAX device.
     if config.get("distributed"):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_cluster_from_env())
     logging.info("process %d/%d, %d local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.local_devices())  # fmt: skip
 

@@ -283,3 +283,17 @@ def test_train_cli_names_an_unknown_config_field_in_one_line(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: unknown config field 'optim.lrr'") and "optim.lr" in last
     assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
+
+
+def test_distributed_cluster_is_read_from_the_documented_variables(monkeypatch):
+    import train
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert train._cluster_from_env() == {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    monkeypatch.setenv("JAX_PROCESS_ID", "one")
+    with pytest.raises(SystemExit, match="must be integers"):
+        train._cluster_from_env()
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    assert train._cluster_from_env() == {}  # left to JAX's own detection (Cloud TPU, SLURM)

@@ -14,6 +14,7 @@ import torch
 
 import sdjax
 from tests.published import diffusers_pipeline, published_folder
+from tests.test_samplers import DETERMINISTIC
 
 SIZE = 128  # pixels: 16x16 latents, 2x2 at the bottom of the published 4-block UNet (GroupNorm needs > 1 value)
 PROMPTS = [
@@ -24,16 +25,7 @@ PROMPTS = [
     "un café à Paris, crème brûlée",
 ]
 NEGATIVE = ["", "blurry, low quality, jpeg artifacts"]
-CASES = [
-    ("ddim", False),
-    ("pndm", False),
-    ("euler", False),
-    ("euler", True),
-    ("dpmpp_2m", False),
-    ("dpmpp_2m", True),
-    ("heun", False),
-    ("heun", True),
-]
+CASES = DETERMINISTIC  # every deterministic sampler, with and without Karras sigmas
 DIFFUSERS_CLASS = {
     "ddim": diffusers.DDIMScheduler,
     "pndm": diffusers.PNDMScheduler,
