@@ -152,7 +152,8 @@ def compile_traced(key: str, jitted: Any, args: tuple) -> Any:
         return jitted.lower(*args).compile()
     try:
         exported = jax.export.export(jitted)(*args)
+        compiled = jax.jit(exported.call).lower(*args).compile()
     except Exception:  # noqa: BLE001 - e.g. a custom call export does not allow: compile without the trace cache
         return jitted.lower(*args).compile()
     _write_atomically(entry, bytes(exported.serialize()))
-    return jax.jit(exported.call).lower(*args).compile()
+    return compiled
