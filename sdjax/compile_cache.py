@@ -35,9 +35,14 @@ ENV_OFF = "SDJAX_NO_COMPILE_CACHE"
 
 
 def cache_dir() -> Path:
-    """``$SDJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/sdjax/jax``, else ``~/.cache/sdjax/jax``."""
+    """``$SDJAX_CACHE_DIR``, else JAX's own cache folder when one is set (``JAX_COMPILATION_CACHE_DIR``), else
+    ``$XDG_CACHE_HOME/sdjax/jax``, else ``~/.cache/sdjax/jax``."""
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR]).expanduser()
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sdjax" / "jax"
 

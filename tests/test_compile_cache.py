@@ -44,7 +44,8 @@ def model(tmp_path_factory):
 
 
 def _run(model, cache, size=16, **env):
-    env = {**os.environ, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu", **env}
+    inherited = {k: v for k, v in os.environ.items() if k != "SDJAX_NO_COMPILE_CACHE"}  # conftest turns it off
+    env = {**inherited, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu", **env}
     out = subprocess.run(
         [sys.executable, "-c", SNIPPET, str(model), str(size)], env=env, cwd=ROOT, capture_output=True, text=True
     )
