@@ -76,7 +76,7 @@ def check_args(args: argparse.Namespace) -> None:
     the output folder (created here if missing, so that a late failure to write cannot lose the images)."""
     from sdjax import pipeline
 
-    pipeline._check_generate_args(args.guidance, args.eta, args.strength, args.seed, args.num_images)
+    pipeline.check_generate_args(args.guidance, args.eta, args.strength, args.seed, args.num_images)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for name in ("height", "width"):

@@ -227,7 +227,7 @@ class StableDiffusion:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PipelineError("prompts is empty; pass a string or a non-empty list of strings")
-        _check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
+        check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         negative_prompts = _negative_prompts(negative_prompts, len(prompts))
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negative_prompts = [p for p in negative_prompts for _ in range(num_images_per_prompt)]
@@ -353,12 +353,12 @@ def _finite_number(name: str, value: Any, low: float, high: float = float("inf")
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise PipelineError(f"{name} must be a number, got {value!r}")
     if not (np.isfinite(value) and low <= value <= high):
-        upper = "" if high == float("inf") else f", {high}]"
-        raise PipelineError(f"{name} must be a finite number in [{low}{upper or ', inf)'}, got {value!r}")
+        bounds = f"[{low}, {high}]" if np.isfinite(high) else f"[{low}, inf)"
+        raise PipelineError(f"{name} must be a finite number in {bounds}, got {value!r}")
 
 
-def _check_generate_args(guidance_scale: Any, eta: Any, strength: Any, seed: Any, num_images: Any) -> None:
-    """One line per bad argument, before anything is computed."""
+def check_generate_args(guidance_scale: Any, eta: Any, strength: Any, seed: Any, num_images: Any) -> None:
+    """PipelineError (one line) for a bad generate() argument; sample.py runs it before loading the model."""
     _finite_number("guidance_scale", guidance_scale, 0.0)
     _finite_number("eta", eta, 0.0)
     _finite_number("strength", strength, 0.0, 1.0)
