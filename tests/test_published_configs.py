@@ -45,3 +45,14 @@ def test_published_config_builds_with_the_reference_parameter_count(name, compon
 def test_inpainting_unet_takes_nine_input_channels():
     module = weights.build_component(FIXTURES / "sd15_inpainting" / "unet")
     assert module.config.in_channels == 9
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sd21_base"])
+def test_single_file_scheduler_configs_are_the_published_files(name):
+    """sdjax.single_file carries these three published scheduler configs; they must not drift from the files."""
+    import json
+
+    from sdjax.single_file import SCHEDULER_CONFIGS
+
+    published = json.loads((FIXTURES / name / "scheduler" / "scheduler_config.json").read_text())
+    assert SCHEDULER_CONFIGS[name] == published
