@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import schedule
+from sdjax import predictions, schedule
 from sdjax.schedule import ScheduleConfig
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
-# Adams-Bashforth weights on (newest, ..., oldest) model outputs for PLMS stages 2..4 (Liu et al. eq. 12);
-# stage 0 is the first Euler step and stage 1 its Heun-style correction.
+# Adams-Bashforth weights on (newest, ..., oldest) model outputs for PLMS modes 2..4 (Liu et al. eq. 12);
+# mode 0 is the first Euler step and mode 1 its Heun-style correction.
 _PLMS_WEIGHTS = {
     0: (1.0, 0.0, 0.0, 0.0),
     1: (0.5, 0.5, 0.0, 0.0),
@@ -49,15 +49,15 @@ class SamplerPlan:
 
     Alpha-based samplers (ddim, ddpm, pndm) step between ``alphas_cumprod`` levels ``alphas_t`` ->
     ``alphas_prev``; sigma-based ones between VE noise levels ``sigmas`` -> ``sigmas_next`` (``sigmas_prev`` is
-    DPM-Solver's previous level). ``stages`` is the sampler's per-evaluation mode: DDPM 1 = add noise; PLMS
-    stage 0-4; DPM-Solver order 1/2; Heun 0 = Euler predictor, 1 = trapezoid corrector.
+    DPM-Solver's previous level). ``modes`` is the sampler's per-evaluation mode: DDPM 1 = add noise; PLMS
+    warm-up 0-1 and order 2-4; DPM-Solver order 1/2; Heun 0 = Euler predictor, 1 = trapezoid corrector.
     """
 
     name: str
     prediction_type: str
     timesteps: tuple[float, ...]  # what the model is given at each evaluation
     c_in: tuple[float, ...]  # scale_model_input factor at each evaluation
-    stages: tuple[int, ...]
+    modes: tuple[int, ...]
     alphas_t: tuple[float, ...] = ()
     alphas_prev: tuple[float, ...] = ()
     sigmas: tuple[float, ...] = ()
@@ -131,11 +131,11 @@ def _alpha_at(ac: np.ndarray, t: np.ndarray, final: float) -> np.ndarray:
     return np.where(t >= 0, ac[np.maximum(t, 0)], np.float32(final))
 
 
-def _alpha_plan(ts, a_t, a_prev, stages, common) -> SamplerPlan:
+def _alpha_plan(ts, a_t, a_prev, modes, common) -> SamplerPlan:
     return SamplerPlan(
         timesteps=_floats(ts),
         c_in=(1.0,) * len(ts),
-        stages=tuple(int(s) for s in stages),
+        modes=tuple(int(s) for s in modes),
         alphas_t=_floats(a_t),
         alphas_prev=_floats(a_prev),
         start_x0_scale=float(np.sqrt(a_t[0])),
@@ -159,14 +159,8 @@ def _plan_ddpm(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
     return _alpha_plan(ts, ac[ts], a_prev, ts > 0, common)
 
 
-def _plms_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
-    """PNDMScheduler(skip_prk_steps=True) timesteps: the second one repeated, num_steps + 1 in all."""
-    ts = schedule.inference_timesteps(cfg, num_steps)
-    return np.concatenate([ts[:1], ts[1:2], ts[1:]]) if num_steps > 1 else ts
-
-
 def _plan_pndm(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
-    ts = _plms_timesteps(cfg, num_steps)[t_start:]
+    ts = schedule.plms_timesteps(cfg, num_steps)[t_start:]
     ratio = cfg.num_train_timesteps // num_steps
     counter = np.arange(len(ts))
     # Evaluation 1 re-does step 0 with the averaged slope: it steps from ts[1] + ratio to ts[1].
@@ -176,50 +170,14 @@ def _plan_pndm(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
     return _alpha_plan(ts, ac[t_cur], _alpha_at(ac, t_prev, final), np.minimum(counter, 4), common)
 
 
-def _sigma_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
-    """Euler/Heun timesteps: as DDIM's but float32, and not rounded for "linspace"."""
-    if cfg.timestep_spacing == "linspace":
-        return np.linspace(0, cfg.num_train_timesteps - 1, num_steps)[::-1].astype(np.float32)
-    return schedule.inference_timesteps(cfg, num_steps).astype(np.float32)
-
-
-def _final_sigma(cfg: ScheduleConfig, ac: np.ndarray) -> float:
-    """The level the last step lands on: 0, or sigma at t = 0 for ``final_sigmas_type="sigma_min"``."""
-    return float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg.final_sigmas_type == "sigma_min" else 0.0
-
-
-def _discrete_sigmas(ac: np.ndarray, cfg: ScheduleConfig, num_steps: int, karras: bool):
-    """Sigmas (N + 1 levels, the last from ``final_sigmas_type``) and model timesteps (N,) as Euler/Heun
-    ``set_timesteps``. ``interpolation_type="log_linear"`` spaces N + 1 levels evenly in log sigma and, as
-    diffusers, keeps the "linspace" model timesteps and runs the first N + 1 levels (ending at sigma_min)."""
-    ts = _sigma_timesteps(cfg, num_steps)
-    all_sigmas = ((1 - ac) / ac) ** 0.5
-    if cfg.interpolation_type == "log_linear":
-        sigmas = np.exp(np.linspace(np.log(all_sigmas[-1]), np.log(all_sigmas[0]), num_steps + 1, dtype=np.float32))
-    else:
-        sigmas = np.interp(ts, np.arange(len(ac)), all_sigmas)
-    if karras:
-        sigmas = schedule.karras_sigmas(sigmas[-1], sigmas[0], num_steps)
-        ts = schedule.timesteps_from_sigmas(sigmas, ac)
-    sigmas = np.append(sigmas, _final_sigma(cfg, ac))[: num_steps + 1]
-    return sigmas.astype(np.float32), ts.astype(np.float32)
-
-
-def _init_noise_sigma(cfg: ScheduleConfig, sigmas: np.ndarray) -> float:
-    sigma_max = sigmas.max()
-    if cfg.timestep_spacing == "leading":
-        return float((sigma_max**2 + 1) ** 0.5)
-    return float(sigma_max)
-
-
-def _sigma_plan(ts, sigmas, sigmas_next, stages, cfg, all_sigmas, common, **kw) -> SamplerPlan:
+def _sigma_plan(ts, sigmas, sigmas_next, modes, cfg, all_sigmas, common, **kw) -> SamplerPlan:
     return SamplerPlan(
         timesteps=_floats(ts),
         c_in=_floats(1 / np.sqrt(sigmas.astype(np.float64) ** 2 + 1)),
-        stages=tuple(int(s) for s in stages),
+        modes=tuple(int(s) for s in modes),
         sigmas=_floats(sigmas),
         sigmas_next=_floats(sigmas_next),
-        init_noise_sigma=_init_noise_sigma(cfg, all_sigmas),
+        init_noise_sigma=schedule.init_noise_sigma(cfg, all_sigmas),
         start_noise_scale=float(sigmas[0]),
         **common,
         **kw,
@@ -227,13 +185,13 @@ def _sigma_plan(ts, sigmas, sigmas_next, stages, cfg, all_sigmas, common, **kw) 
 
 
 def _plan_euler(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
-    sigmas, ts = _discrete_sigmas(ac, cfg, num_steps, karras)
+    sigmas, ts = schedule.discrete_sigmas(ac, cfg, num_steps, karras)
     s = slice(t_start, num_steps)
     return _sigma_plan(ts[s], sigmas[s], sigmas[1:][s], np.zeros(num_steps - t_start), cfg, sigmas, common)
 
 
 def _plan_heun(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
-    sigmas, ts = _discrete_sigmas(ac, cfg, num_steps, karras)
+    sigmas, ts = schedule.discrete_sigmas(ac, cfg, num_steps, karras)
     # Interleave as HeunDiscreteScheduler: predictor at sigma_i, corrector at sigma_{i+1} (none at sigma = 0).
     sig = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
     ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
@@ -241,19 +199,8 @@ def _plan_heun(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
     return _sigma_plan(ts[k], sig[k], sig[k + 1], k % 2, cfg, sig, common)
 
 
-def _dpm_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
-    """DPMSolverMultistepScheduler spacing: leading/linspace space N + 1 points and drop the last."""
-    if cfg.timestep_spacing == "trailing":
-        return schedule.inference_timesteps(cfg, num_steps)
-    n = cfg.num_train_timesteps
-    if cfg.timestep_spacing == "linspace":
-        return np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-    ratio = n // (num_steps + 1)
-    return (np.arange(num_steps + 1) * ratio)[::-1][:-1].astype(np.int64) + cfg.steps_offset
-
-
 def _plan_dpmpp_2m(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
-    ts = _dpm_timesteps(cfg, num_steps)
+    ts = schedule.dpm_timesteps(cfg, num_steps)
     sigmas_all = ((1 - ac) / ac) ** 0.5
     if karras:
         sigmas = schedule.karras_sigmas(sigmas_all[0], sigmas_all[-1], num_steps)
@@ -261,7 +208,7 @@ def _plan_dpmpp_2m(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
         ts = ts if cfg.beta_schedule == "squaredcos_cap_v2" else ts.round()
     else:
         sigmas = np.interp(ts, np.arange(len(ac)), sigmas_all)
-    sigmas = np.append(sigmas, _final_sigma(cfg, ac)).astype(np.float32)
+    sigmas = np.append(sigmas, schedule.final_sigma(cfg, ac)).astype(np.float32)
     i = np.arange(t_start, num_steps)
     # First order on the first step (no history) and, by diffusers' rule, on the last one.
     final_first_order = (
@@ -272,7 +219,7 @@ def _plan_dpmpp_2m(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
     return SamplerPlan(
         timesteps=_floats(ts[i]),
         c_in=(1.0,) * len(i),
-        stages=tuple(int(o) for o in orders),
+        modes=tuple(int(o) for o in orders),
         sigmas=_floats(sigmas[i]),
         sigmas_next=_floats(sigmas[i + 1]),
         sigmas_prev=_floats(sigmas[np.maximum(i - 1, t_start)]),
@@ -286,22 +233,8 @@ def _plan_dpmpp_2m(cfg, ac, num_steps, t_start, karras, common) -> SamplerPlan:
 
 
 def _alpha_predictions(prediction_type: str, x, out, alpha_t):
-    """(x0, eps) from the model output at alphas_cumprod level ``alpha_t`` (x = sqrt(a) x0 + sqrt(1-a) eps)."""
-    beta_t = 1 - alpha_t
-    if prediction_type == "epsilon":
-        return (x - beta_t**0.5 * out) / alpha_t**0.5, out
-    if prediction_type == "v_prediction":
-        return alpha_t**0.5 * x - beta_t**0.5 * out, alpha_t**0.5 * out + beta_t**0.5 * x
-    return out, (x - alpha_t**0.5 * out) / beta_t**0.5
-
-
-def _sigma_denoised(prediction_type: str, x, out, sigma):
-    """x0 from the model output for a VE sample x = x0 + sigma eps (Karras et al. Table 1 preconditioning)."""
-    if prediction_type == "epsilon":
-        return x - sigma * out
-    if prediction_type == "v_prediction":
-        return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-    return out
+    """(x0, eps) at alphas_cumprod level ``alpha_t``: x = sqrt(a) x0 + sqrt(1-a) eps."""
+    return predictions.x0_and_eps(prediction_type, x, out, alpha_t**0.5, (1 - alpha_t) ** 0.5)
 
 
 def _clip(plan: SamplerPlan, x0):
@@ -346,13 +279,13 @@ def step_ddpm(plan, x, state, out, s, noise, eta):
     x0 = _clip(plan, _alpha_predictions(plan.prediction_type, x, out, a_t)[0])
     mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a_t)) * x
     variance = jnp.maximum((1 - a_prev) / (1 - a_t) * beta, 1e-20)
-    return mean + jnp.where(s["stages"] == 1, variance**0.5, 0.0) * noise, state
+    return mean + jnp.where(s["modes"] == 1, variance**0.5, 0.0) * noise, state
 
 
 def _pndm_transfer(prediction_type, x, eps, a_t, a_prev):
     """PNDM's transfer phi(x, eps, t -> t_prev) (Liu et al. eq. 11), the DDIM step written with eps only."""
     if prediction_type == "v_prediction":
-        eps = a_t**0.5 * eps + (1 - a_t) ** 0.5 * x
+        eps = _alpha_predictions(prediction_type, x, eps, a_t)[1]
     denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
     return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
 
@@ -360,19 +293,19 @@ def _pndm_transfer(prediction_type, x, eps, a_t, a_prev):
 def step_pndm(plan, x, state, out, s, noise, eta):
     """PLMS (Liu et al. 2022): linear multistep on the last 4 model outputs, Heun-style start."""
     ets, x_first = state  # ets: previous model outputs, newest first (3, B, H, W, C)
-    stage = s["stages"]
-    w = jnp.asarray(np.array(list(_PLMS_WEIGHTS.values()), np.float32))[stage]
+    mode = s["modes"]
+    w = jnp.asarray(np.array(list(_PLMS_WEIGHTS.values()), np.float32))[mode]
     eps = w[0] * out + jnp.tensordot(w[1:], ets, axes=1)
-    x = jnp.where(stage == 1, x_first, x)  # the correction restarts from the first step's sample
-    x_first = jnp.where(stage == 0, x, x_first)
-    ets = jnp.where(stage == 1, ets, jnp.concatenate([out[None], ets[:-1]]))
+    x = jnp.where(mode == 1, x_first, x)  # the correction restarts from the first step's sample
+    x_first = jnp.where(mode == 0, x, x_first)
+    ets = jnp.where(mode == 1, ets, jnp.concatenate([out[None], ets[:-1]]))
     return _pndm_transfer(plan.prediction_type, x, eps, s["alphas_t"], s["alphas_prev"]), (ets, x_first)
 
 
 def step_euler(plan, x, state, out, s, noise, eta):
     """Euler step of the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. Algorithm 2, S_churn=0)."""
     sigma = s["sigmas"]
-    d = to_d(x, sigma, _sigma_denoised(plan.prediction_type, x, out, sigma))
+    d = to_d(x, sigma, predictions.denoised(plan.prediction_type, x, out, sigma))
     return x + d * (s["sigmas_next"] - sigma), state
 
 
@@ -380,15 +313,15 @@ def step_euler_ancestral(plan, x, state, out, s, noise, eta):
     """Euler to sigma_down, then fresh noise of std sigma_up (k-diffusion ``sample_euler_ancestral``)."""
     sigma = s["sigmas"]
     sigma_down, sigma_up = get_ancestral_step(sigma, s["sigmas_next"])
-    d = to_d(x, sigma, _sigma_denoised(plan.prediction_type, x, out, sigma))
+    d = to_d(x, sigma, predictions.denoised(plan.prediction_type, x, out, sigma))
     return x + d * (sigma_down - sigma) + noise * sigma_up, state
 
 
 def step_heun(plan, x, state, out, s, noise, eta):
     """Heun's 2nd-order method (Karras et al. Algorithm 1): Euler predictor, trapezoid corrector."""
     d_first, dt_first, x_first = state
-    sigma, corrector = s["sigmas"], s["stages"] == 1
-    d = to_d(x, sigma, _clip(plan, _sigma_denoised(plan.prediction_type, x, out, sigma)))
+    sigma, corrector = s["sigmas"], s["modes"] == 1
+    d = to_d(x, sigma, _clip(plan, predictions.denoised(plan.prediction_type, x, out, sigma)))
     d = jnp.where(corrector, (d_first + d) / 2, d)
     dt = jnp.where(corrector, dt_first, s["sigmas_next"] - sigma)
     x = jnp.where(corrector, x_first, x)
@@ -407,15 +340,10 @@ def step_dpmpp_2m(plan, x, state, out, s, noise, eta):
     alpha_t, sigma_t = _vp(s["sigmas_next"])
     alpha_s0, sigma_s0 = _vp(s["sigmas"])
     alpha_s1, sigma_s1 = _vp(s["sigmas_prev"])
-    if plan.prediction_type == "epsilon":
-        x0 = (x - sigma_s0 * out) / alpha_s0
-    elif plan.prediction_type == "v_prediction":
-        x0 = alpha_s0 * x - sigma_s0 * out
-    else:
-        x0 = out
+    x0, _ = predictions.x0_and_eps(plan.prediction_type, x, out, alpha_s0, sigma_s0)
     lambda_t, lambda_s0 = jnp.log(alpha_t) - jnp.log(sigma_t), jnp.log(alpha_s0) - jnp.log(sigma_s0)
     h, h_0 = lambda_t - lambda_s0, lambda_s0 - (jnp.log(alpha_s1) - jnp.log(sigma_s1))
-    second = s["stages"] == 2
+    second = s["modes"] == 2
     r0 = jnp.where(second, h_0 / h, 1.0)  # first-order rows may have h = inf or h_0 = 0
     d1 = (1.0 / r0) * (x0 - x0_last)
     coef = alpha_t * (jnp.exp(-h) - 1.0)
@@ -503,7 +431,7 @@ def _plan_rows(plan: SamplerPlan) -> dict[str, jnp.ndarray]:
     for field in ("timesteps", "c_in", "alphas_t", "alphas_prev", "sigmas", "sigmas_next", "sigmas_prev"):
         if getattr(plan, field):
             rows[field] = jnp.asarray(getattr(plan, field), jnp.float32)
-    rows["stages"] = jnp.asarray(plan.stages, jnp.int32)
+    rows["modes"] = jnp.asarray(plan.modes, jnp.int32)
     return rows
 
 

@@ -17,8 +17,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import predictions
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 INTERPOLATION_TYPES = ("linear", "log_linear")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -149,7 +150,7 @@ class ScheduleConfig:
 
     def __post_init__(self):
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check_choice("prediction_type", self.prediction_type, predictions.PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _check_choice("interpolation_type", self.interpolation_type, INTERPOLATION_TYPES)
         _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
@@ -302,7 +303,8 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: jnp.ndarray) -> jnp.ndarray:
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-def _per_example(alphas_cumprod: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
+def alphas_at(alphas_cumprod: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
+    """alphas_cumprod[t] for int t (B,), shaped (B, 1, ...) to broadcast against ``ndim``-d latents. Float32."""
     a = jnp.asarray(alphas_cumprod, jnp.float32)[t]
     return a.reshape(a.shape + (1,) * (ndim - a.ndim))
 
@@ -312,7 +314,7 @@ def add_noise(alphas_cumprod: jnp.ndarray, x0: jnp.ndarray, noise: jnp.ndarray, 
 
     alphas_cumprod: float32 (T,); x0, noise: (B, H, W, C); t: int (B,). Returns float32 (B, H, W, C).
     """
-    a = _per_example(alphas_cumprod, t, x0.ndim)
+    a = alphas_at(alphas_cumprod, t, x0.ndim)
     return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
@@ -321,8 +323,8 @@ def velocity(alphas_cumprod: jnp.ndarray, x0: jnp.ndarray, noise: jnp.ndarray, t
 
     alphas_cumprod: float32 (T,); x0, noise: (B, H, W, C); t: int (B,). Returns float32 (B, H, W, C).
     """
-    a = _per_example(alphas_cumprod, t, x0.ndim)
-    return a**0.5 * noise - (1 - a) ** 0.5 * x0
+    a = alphas_at(alphas_cumprod, t, x0.ndim)
+    return predictions.model_target("v_prediction", x0, noise, a**0.5, (1 - a) ** 0.5)
 
 
 def snr(alphas_cumprod: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
@@ -369,3 +371,59 @@ def timesteps_from_sigmas(sigmas: np.ndarray, alphas_cumprod: np.ndarray) -> np.
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
     return (1 - w) * low + w * (low + 1)
+
+
+# ----------------------------------------------------------- spacing of the samplers' diffusers scheduler classes
+
+
+def plms_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    """PNDMScheduler(skip_prk_steps=True) timesteps: the second one repeated, num_steps + 1 in all."""
+    ts = inference_timesteps(cfg, num_steps)
+    return np.concatenate([ts[:1], ts[1:2], ts[1:]]) if num_steps > 1 else ts
+
+
+def sigma_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    """Euler/Heun timesteps: as DDIM's but float32, and not rounded for "linspace"."""
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, cfg.num_train_timesteps - 1, num_steps)[::-1].astype(np.float32)
+    return inference_timesteps(cfg, num_steps).astype(np.float32)
+
+
+def final_sigma(cfg: ScheduleConfig, ac: np.ndarray) -> float:
+    """The level the last step lands on: 0, or sigma at t = 0 for ``final_sigmas_type="sigma_min"``."""
+    return float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg.final_sigmas_type == "sigma_min" else 0.0
+
+
+def discrete_sigmas(ac: np.ndarray, cfg: ScheduleConfig, num_steps: int, karras: bool):
+    """Sigmas (N + 1 levels, the last from ``final_sigmas_type``) and model timesteps (N,) as Euler/Heun
+    ``set_timesteps``. ``interpolation_type="log_linear"`` spaces N + 1 levels evenly in log sigma and, as
+    diffusers, keeps the "linspace" model timesteps and runs the first N + 1 levels (ending at sigma_min)."""
+    ts = sigma_timesteps(cfg, num_steps)
+    all_sigmas = ((1 - ac) / ac) ** 0.5
+    if cfg.interpolation_type == "log_linear":
+        sigmas = np.exp(np.linspace(np.log(all_sigmas[-1]), np.log(all_sigmas[0]), num_steps + 1, dtype=np.float32))
+    else:
+        sigmas = np.interp(ts, np.arange(len(ac)), all_sigmas)
+    if karras:
+        sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
+        ts = timesteps_from_sigmas(sigmas, ac)
+    sigmas = np.append(sigmas, final_sigma(cfg, ac))[: num_steps + 1]
+    return sigmas.astype(np.float32), ts.astype(np.float32)
+
+
+def init_noise_sigma(cfg: ScheduleConfig, sigmas: np.ndarray) -> float:
+    sigma_max = sigmas.max()
+    if cfg.timestep_spacing == "leading":
+        return float((sigma_max**2 + 1) ** 0.5)
+    return float(sigma_max)
+
+
+def dpm_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler spacing: leading/linspace space N + 1 points and drop the last."""
+    if cfg.timestep_spacing == "trailing":
+        return inference_timesteps(cfg, num_steps)
+    n = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+    ratio = n // (num_steps + 1)
+    return (np.arange(num_steps + 1) * ratio)[::-1][:-1].astype(np.int64) + cfg.steps_offset

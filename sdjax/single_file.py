@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import weights
-from sdjax.schedule import PREDICTION_TYPES
+from sdjax.predictions import PREDICTION_TYPES
 from sdjax.weights import WeightsError
 
 State = dict[str, np.ndarray]

@@ -9,10 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sdjax import schedule
+from sdjax import predictions, schedule
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _per_example_mean(x: jax.Array) -> jax.Array:
@@ -76,13 +75,8 @@ def diffusion_target(
 
     alphas_cumprod: float32 (T,); latents, noise: (B, h, w, C); timesteps: int (B,). Returns float32 (B, h, w, C).
     """
-    if prediction_type == "epsilon":
-        return noise.astype(jnp.float32)
-    if prediction_type == "v_prediction":
-        return schedule.velocity(alphas_cumprod, latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents.astype(jnp.float32)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; accepted: {', '.join(PREDICTION_TYPES)}")
+    a = schedule.alphas_at(alphas_cumprod, timesteps, latents.ndim)
+    return predictions.model_target(prediction_type, latents, noise, a**0.5, (1 - a) ** 0.5)
 
 
 def min_snr_weights(snr: jax.Array, gamma: float | None, prediction_type: str) -> jax.Array:
@@ -92,6 +86,7 @@ def min_snr_weights(snr: jax.Array, gamma: float | None, prediction_type: str) -
     for epsilon, / (SNR + 1) for v-prediction, and unchanged for sample prediction. ``gamma=None`` gives 1.
     snr: float32 (B,). Returns float32 (B,).
     """
+    predictions.check_prediction_type(prediction_type)
     if gamma is None:
         return jnp.ones_like(snr, dtype=jnp.float32)
     if prediction_type == "epsilon":
@@ -99,9 +94,7 @@ def min_snr_weights(snr: jax.Array, gamma: float | None, prediction_type: str) -
         return jnp.minimum(1.0, gamma / snr)
     if prediction_type == "v_prediction":
         return jnp.minimum(snr, gamma) / (snr + 1.0)
-    if prediction_type == "sample":
-        return jnp.minimum(snr, gamma)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; accepted: {', '.join(PREDICTION_TYPES)}")
+    return jnp.minimum(snr, gamma)  # sample prediction
 
 
 def diffusion_loss(
