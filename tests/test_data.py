@@ -1,4 +1,5 @@
-"""Specification of sdjax.data: the shapes64 and image-folder TFDS builders and the tf.data pipeline."""
+"""Specification of sdjax.data and sdjax.shapes64: the shapes64 scenes and TFDS builder, the image-folder builder,
+the data sources and the tf.data input pipeline."""
 
 import json
 import time
@@ -11,10 +12,12 @@ from PIL import Image
 
 from sdjax import tokenizer as T
 from sdjax.data import imagefolder as F
-from sdjax.data import pipeline as P
-from sdjax.data import shapes64 as S
+from sdjax.data import input_pipeline as P
+from sdjax.data import sources
+from sdjax.shapes64 import dataset as D
+from sdjax.shapes64 import scene as S
 
-CAPTIONS = [S.caption(c, s, b) for c in S.COLORS for s in S.SHAPES for b in S.COLORS if b != c]
+CAPTIONS = S.captions()
 SINGLE_HOST = {"process_index": 0, "process_count": 1}
 
 
@@ -25,7 +28,7 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    builder = S.Shapes64(data_dir=tmp_path_factory.mktemp("tfds"), num_train=200, num_validation=20, seed=0)
+    builder = D.Shapes64(data_dir=tmp_path_factory.mktemp("tfds"), num_train=200, num_validation=20, seed=0)
     builder.download_and_prepare()
     return builder
 
@@ -103,9 +106,24 @@ def test_sampled_scenes_follow_the_dataset_rules():
     }
 
 
+def test_captions_lists_every_caption_examples_can_have_once():
+    assert len(CAPTIONS) == len(set(CAPTIONS)) == 6 * 3 * 5
+    assert {S.example(0, "train", i)["caption"] for i in range(2000)} == set(CAPTIONS)
+
+
+def test_builder_keeps_the_name_version_and_config_names_of_prepared_data(tmp_path):
+    builder = D.Shapes64(data_dir=tmp_path, num_train=200, num_validation=20)
+    assert (builder.name, str(builder.version), builder.builder_config.name) == (
+        "shapes64",
+        "1.0.0",
+        "train200_val20_seed0",
+    )
+    assert D.DEFAULT_CONFIG.name == "train50000_val2000_seed0"
+
+
 def test_default_config_has_50k_train_and_2k_validation(tmp_path):
-    assert (S.DEFAULT_CONFIG.num_train, S.DEFAULT_CONFIG.num_validation) == (50_000, 2_000)
-    assert S.Shapes64(data_dir=tmp_path).builder_config is S.DEFAULT_CONFIG
+    assert (D.DEFAULT_CONFIG.num_train, D.DEFAULT_CONFIG.num_validation) == (50_000, 2_000)
+    assert D.Shapes64(data_dir=tmp_path).builder_config is D.DEFAULT_CONFIG
 
 
 def test_builder_makes_the_configured_split_sizes(shapes):
@@ -128,7 +146,7 @@ def test_builder_examples_are_the_seeded_renders_with_matching_caption_and_label
 
 def test_same_seed_builds_identical_data_and_another_seed_differs(tmp_path):
     def build(data_dir, seed):
-        builder = S.Shapes64(data_dir=data_dir, num_train=20, num_validation=5, seed=seed)
+        builder = D.Shapes64(data_dir=data_dir, num_train=20, num_validation=5, seed=seed)
         builder.download_and_prepare()
         return [row["image"] for row in _raw_source(builder)]
 
@@ -148,8 +166,54 @@ def test_train_and_validation_hold_different_examples():
 @pytest.mark.slow
 def test_building_the_default_50k_dataset_takes_under_two_minutes(tmp_path):
     start = time.perf_counter()
-    S.Shapes64(data_dir=tmp_path).download_and_prepare()
+    D.Shapes64(data_dir=tmp_path).download_and_prepare()
     assert time.perf_counter() - start < 120
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def test_a_named_source_with_num_train_gets_a_tenth_as_many_validation_examples(tmp_path):
+    config = sources.builder("shapes64", data_dir=tmp_path, num_train=256).builder_config
+    assert (config.num_train, config.num_validation, config.seed) == (256, 25, 0)
+    assert sources.builder("shapes64", num_train=5).builder_config.num_validation == 1
+
+
+def test_a_named_source_option_set_to_none_means_the_builder_default(tmp_path):
+    assert sources.builder("shapes64", data_dir=tmp_path, num_train=None).builder_config is D.DEFAULT_CONFIG
+
+
+def test_an_unknown_option_of_a_named_source_raises_a_clear_error():
+    with pytest.raises(ValueError, match="no option seed; its options: num_train"):
+        sources.builder("shapes64", seed=3)
+
+
+def test_options_for_a_source_that_is_not_named_raise_a_clear_error(shapes, tmp_path):
+    with pytest.raises(ValueError, match="apply only to named sources"):
+        sources.builder(str(tmp_path), num_train=10)
+    with pytest.raises(ValueError, match="apply only to named sources"):
+        sources.builder(shapes, num_train=10)
+
+
+def test_a_builder_instance_is_its_own_source(shapes):
+    assert sources.builder(shapes) is shapes
+
+
+def test_a_source_of_another_type_raises_a_clear_error():
+    with pytest.raises(ValueError, match="source must be a named source"):
+        sources.builder(42)
+
+
+def test_captions_of_a_named_synthetic_source_and_none_for_others(tmp_path):
+    assert sources.captions("shapes64") == CAPTIONS
+    assert sources.captions(str(tmp_path)) is None
+    assert sources.captions("mnist") is None
+
+
+def test_make_dataset_passes_source_options_to_the_named_source(tok, tmp_path):
+    pipeline = _make("shapes64", tok, data_dir=tmp_path, source_options={"num_train": 16})
+    assert pipeline.num_examples == 16
+    pipeline.close()
 
 
 # ----------------------------------------------------------------------------------------------- imagefolder
@@ -276,7 +340,7 @@ def test_start_step_resumes_exactly_with_all_augmentations(shapes, tok):
 
 
 def test_tfrecord_datasets_give_the_same_batches_through_memory(shapes, tok, tmp_path):
-    tfrecord = S.Shapes64(data_dir=tmp_path, num_train=200, num_validation=20, file_format="tfrecord")
+    tfrecord = D.Shapes64(data_dir=tmp_path, num_train=200, num_validation=20, file_format="tfrecord")
     with pytest.warns(UserWarning, match="cannot be read by index"):
         from_memory = _take(_make(tfrecord, tok, random_flip=True), 2)
     by_index = _take(_make(shapes, tok, random_flip=True), 2)
@@ -401,5 +465,5 @@ def test_bad_arguments_raise_a_clear_error(shapes, tok, kwargs, message):
 
 
 def test_unknown_source_raises_a_clear_error(tok, tmp_path):
-    with pytest.raises(ValueError, match="not 'shapes64', an existing folder"):
+    with pytest.raises(ValueError, match=r"not a named source \(shapes64\), an existing folder"):
         _make("no_such_dataset_xyz", tok, data_dir=tmp_path)

@@ -1,12 +1,14 @@
-"""Specification of sdjax.shapes_judge: reading colour, shape and background off shapes64 images."""
+"""Specification of sdjax.shapes64.judge: reading colour, shape and background off shapes64 images."""
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from sdjax import shapes_judge as J
-from sdjax.data import shapes64 as S
+from sdjax.shapes64 import judge as J
+from sdjax.shapes64 import scene as S
 
 COMBOS = [(c, s, b) for c, s, b in itertools.product(S.COLORS, S.SHAPES, S.COLORS) if c != b]
 
@@ -108,3 +110,8 @@ def test_accuracy_counts_matches_per_attribute():
     images = np.stack([S.render("red", "circle", "white", 32, 32, 30), S.render("blue", "square", "black", 32, 32, 30)])
     captions = ["a red circle on a white background", "a blue triangle on a black background"]
     assert J.accuracy(images, captions) == {"color": 1.0, "shape": 0.5, "background": 1.0, "all": 0.5}
+
+
+def test_the_judge_and_the_scenes_import_no_tensorflow():
+    code = "import sys, sdjax.shapes64, sdjax.shapes64.judge; assert 'tensorflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,8 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 import sample
-from sdjax import StableDiffusion, shapes_judge
+from sdjax import StableDiffusion
+from sdjax.shapes64 import judge as shapes64_judge
 
 MODEL = sample.DEFAULT_MODEL
 
@@ -40,7 +41,7 @@ def test_shipped_tokenizer_is_clips_vocab_and_merges(pipe, tmp_path):
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / name).write_bytes((MODEL / "tokenizer" / name).read_bytes())
     alone = CLIPTokenizer.from_pretrained(tmp_path)
-    for prompt in shapes_judge.eval_prompts():
+    for prompt in shapes64_judge.eval_prompts():
         ids = alone(prompt).input_ids
         assert ids == pipe.tokenizer(prompt).input_ids and alone.unk_token_id not in ids[1:-1], prompt
 
@@ -49,13 +50,13 @@ def test_shipped_tokenizer_is_clips_vocab_and_merges(pipe, tmp_path):
 def test_shipped_model_follows_prompts(pipe):
     """Issue 5's bar: 30 prompts (every shape, every colour as foreground and background) x 4 images, 50 DDIM steps,
     default guidance: colour >= 90%, shape >= 80%, background >= 90% by the deterministic judge."""
-    prompts = shapes_judge.eval_prompts()
-    assert len(prompts) >= 20 and {shapes_judge.parse_caption(p)["shape"] for p in prompts} == {
+    prompts = shapes64_judge.eval_prompts()
+    assert len(prompts) >= 20 and {shapes64_judge.parse_caption(p)["shape"] for p in prompts} == {
         "circle",
         "square",
         "triangle",
     }
-    scores, images = shapes_judge.evaluate(pipe, prompts, num_images_per_prompt=4, num_inference_steps=50)
+    scores, images = shapes64_judge.evaluate(pipe, prompts, num_images_per_prompt=4, num_inference_steps=50)
     assert images.shape == (len(prompts) * 4, 64, 64, 3)
     assert scores["color"] >= 0.9 and scores["shape"] >= 0.8 and scores["background"] >= 0.9, scores
 
@@ -66,7 +67,7 @@ def test_sample_py_uses_the_shipped_model_by_default(tmp_path, capsys):
     image = Image.open(tmp_path / "0000.png")
     assert image.size == (64, 64) and image.text["model"] == str(MODEL)
     for name in ("0000.png", "0001.png"):
-        assert shapes_judge.judge(np.asarray(Image.open(tmp_path / name))) == shapes_judge.parse_caption(prompt)
+        assert shapes64_judge.judge(np.asarray(Image.open(tmp_path / name))) == shapes64_judge.parse_caption(prompt)
 
 
 def test_diffusers_loads_the_shipped_folder_and_agrees(pipe):

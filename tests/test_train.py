@@ -267,7 +267,7 @@ def test_vae_step_trains_the_vae_and_reports_psnr(vae_step):
 
 def shapes_batch() -> np.ndarray:
     """(1, BATCH, RES, RES, 3) shapes64 images in [-1, 1], downsampled from 64x64."""
-    from sdjax.data.shapes64 import example
+    from sdjax.shapes64.scene import example
 
     images = np.stack([example(0, "train", i)["image"] for i in range(BATCH)]).astype(np.float32)
     images = images.reshape(BATCH, RES, 64 // RES, RES, 64 // RES, 3).mean(axis=(2, 4))

@@ -1,4 +1,5 @@
-"""Datasets (TFDS builders) and the tf.data input pipeline.
+"""Data: `sources` (a named source, an image folder or a TFDS name -> a TFDS builder), the image-folder builder
+and the tf.data `input_pipeline`.
 
 TensorFlow is only a data loader here: accelerators are hidden from it before anything else imports it, so
 it never reserves GPU/TPU memory that JAX needs.

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import os
 import threading
 import warnings
 import weakref
@@ -28,18 +27,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from sdjax.data.imagefolder import CaptionedImageFolder
-from sdjax.data.shapes64 import Shapes64
+from sdjax.data import sources
+from sdjax.data.sources import DataError
 from sdjax.tokenizer import MAX_LENGTH, tokenize
 
 _AUTOTUNE = tf.data.AUTOTUNE
 # More than this fraction of undecodable images (after the first few batches) means a broken dataset or
 # wrong image_key, not a few bad files: stop instead of training on filler.
 _MAX_CORRUPT_FRACTION = 0.5
-
-
-class DataError(ValueError):
-    """Bad pipeline arguments or an unusable dataset."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,24 +103,6 @@ class ExampleSource:
     read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _builder(source, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    if isinstance(source, tfds.core.DatasetBuilder):
-        return source
-    if not isinstance(source, str | os.PathLike):
-        raise DataError(f"source must be 'shapes64', a folder path, a TFDS name or a builder, got {source!r}")
-    source = os.fspath(source)
-    if source == "shapes64":
-        return Shapes64(data_dir=data_dir)
-    if os.path.isdir(source):
-        return CaptionedImageFolder(folder=source, data_dir=data_dir)
-    try:
-        return tfds.builder(source, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise DataError(
-            f"source {source!r} is not 'shapes64', an existing folder, nor a registered TFDS dataset"
-        ) from e
-
-
 def _check_features(builder: tfds.core.DatasetBuilder, image_key: str, caption_key: str | None) -> None:
     features = dict(builder.info.features.items())
     if not isinstance(features.get(image_key), tfds.features.Image):
@@ -167,10 +144,15 @@ def _in_memory_reader(builder, split, image_key, caption_key):
 
 
 def open_source(
-    source, split: str, data_dir: str | None = None, image_key: str = "image", caption_key: str | None = "caption"
+    source,
+    split: str,
+    data_dir: str | None = None,
+    image_key: str = "image",
+    caption_key: str | None = "caption",
+    source_options: dict | None = None,
 ) -> ExampleSource:
-    """Prepares (if needed) and opens one split of "shapes64", an image folder, a TFDS name or builder."""
-    builder = _builder(source, data_dir)
+    """Prepares (if needed) and opens one split of a source (see `sources.builder`, given `source_options`)."""
+    builder = sources.builder(source, data_dir, **(source_options or {}))
     if not builder.is_prepared():
         builder.download_and_prepare(file_format=builder.info.file_format or "array_record")
     if split not in builder.info.splits:
@@ -387,14 +369,16 @@ def make_dataset(
     image_key: str = "image",
     caption_key: str | None = "caption",
     data_dir: str | None = None,
+    source_options: dict | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> InputPipeline:
     """Infinite, deterministic, resumable training batches.
 
     Args:
-      source: "shapes64", a folder of captioned images, a registered TFDS name, or a TFDS builder
-        (e.g. `Shapes64(num_train=200, ...)`); prepared into `data_dir` on first use.
+      source: a named source (`sources.NAMED_SOURCES`), a folder of captioned images, a registered TFDS name,
+        or a TFDS builder; prepared into `data_dir` on first use.
+      source_options: options of a named source, e.g. {"num_train": 200}; None values mean its defaults.
       resolution: output side R; images are resized (shorter side) and cropped to R x R.
       tokenizer: a CLIP tokenizer (see `sdjax.tokenizer.load_tokenizer`).
       global_batch_size | per_device_batch: exactly one; num_devices = local devices (default all).
@@ -412,7 +396,7 @@ def make_dataset(
     if not 0.0 <= caption_dropout <= 1.0:
         raise DataError(f"caption_dropout is a probability in [0, 1], got {caption_dropout}")
     layout = batch_layout(global_batch_size, per_device_batch, num_devices, process_index, process_count)
-    examples = open_source(source, split, data_dir, image_key, caption_key)
+    examples = open_source(source, split, data_dir, image_key, caption_key, source_options)
     aug = Augmentation(resolution, random_crop, random_flip, caption_dropout, seed)
     dataset = build_dataset(examples, layout, aug, tokenizer, start_step)
     return InputPipeline(dataset, layout, start_step, examples.num_examples)

@@ -1,7 +1,7 @@
 """A deterministic judge of shapes64-style images: which colour, shape and background does an image show?
 
 It scores a trained shapes64 model: generate an image for a caption, judge it, compare with
-`parse_caption(caption)`. No learnt weights, so the check itself cannot drift:
+`parse_caption(caption)`. Pure numpy (no TensorFlow) and no learnt weights, so the check itself cannot drift:
 
 1. background: the palette colour most border pixels are nearest to;
 2. foreground: pixels far from the background colour; their median colour, nearest palette colour;
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sdjax.data.shapes64 import CAPTION_TEMPLATE, COLORS, PALETTE, SHAPES
+from sdjax.shapes64.scene import CAPTION_TEMPLATE, COLORS, PALETTE, SHAPES
 
 _PALETTE_RGB = np.asarray([PALETTE[c] for c in COLORS], np.float32)
 # A pixel is "maybe foreground" when this far (RGB euclidean, 0-255) from the background colour: at
@@ -183,14 +183,14 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sdjax.shapes_judge [MODEL] [--num-images N] [--steps S] [--guidance G] [--grid PNG]``: scores a
+    """``python -m sdjax.shapes64.judge [MODEL] [--num-images N] [--steps S] [--guidance G] [--grid PNG]``: scores a
     shapes64 model on :func:`eval_prompts` and prints the accuracy table."""
     import argparse
     import time
     from pathlib import Path
 
     parser = argparse.ArgumentParser(description="Score a shapes64 text-to-image model with the shapes judge.")
-    parser.add_argument("model", nargs="?", default=str(Path(__file__).resolve().parents[1] / "models" / "shapes64"))
+    parser.add_argument("model", nargs="?", default=str(Path(__file__).resolve().parents[2] / "models" / "shapes64"))
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)

@@ -57,16 +57,12 @@ def input_pipeline(config: ml_collections.ConfigDict, tok: Any, start: int) -> B
     """Batches {"image": (D, B, H, W, 3) float32 in [-1, 1], "input_ids": (D, B, 77) int32} for this host's D
     devices, from batch number ``start`` on (the data position stored in checkpoints). Stage 1 reads no
     captions."""
-    from sdjax.data import pipeline  # TensorFlow is imported only by runs that read data
-    from sdjax.data.shapes64 import Shapes64
+    from sdjax.data.input_pipeline import make_dataset  # TensorFlow is imported only by runs that read data
 
     d = config.data
-    source = d.source
-    if source == "shapes64" and d.get("num_train"):
-        source = Shapes64(num_train=d.num_train, num_validation=max(d.num_train // 10, 1), data_dir=d.data_dir)
     caption_key = d.caption_key if config.stage == "diffusion" else None
-    return pipeline.make_dataset(
-        source,
+    return make_dataset(
+        d.source,
         split=d.split,
         resolution=d.resolution,
         tokenizer=tok if tok is not None else _captionless_tokenizer(),
@@ -80,6 +76,7 @@ def input_pipeline(config: ml_collections.ConfigDict, tok: Any, start: int) -> B
         image_key=d.image_key,
         caption_key=caption_key,
         data_dir=d.data_dir,
+        source_options={"num_train": d.get("num_train") or None},
     )
 
 
@@ -110,20 +107,16 @@ def _trained_components(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
 
 
-def _shapes64_captions() -> list[str]:
-    from sdjax.data import shapes64
-
-    c = shapes64.COLORS
-    return [shapes64.caption(a, s, b) for a in c for s in shapes64.SHAPES for b in c if a != b]
-
-
 def _new_tokenizer(config: ml_collections.ConfigDict, scratch: Path) -> Any:
     if config.pretrained_path:
         return tokenizer.load_tokenizer(config.pretrained_path)
     if config.tokenizer_path:
         return tokenizer.load_tokenizer(config.tokenizer_path)
-    if config.data.source == "shapes64":
-        return tokenizer.build_tokenizer(_shapes64_captions(), scratch)
+    from sdjax.data import sources
+
+    captions = sources.captions(config.data.source)
+    if captions is not None:  # a synthetic source with a finite set of captions: its own small vocabulary
+        return tokenizer.build_tokenizer(captions, scratch)
     raise TrainConfigError(
         f"no tokenizer for data source {config.data.source!r}: set config.tokenizer_path (a CLIP tokenizer folder) "
         "or config.pretrained_path (a diffusers Stable Diffusion folder)"
@@ -528,7 +521,7 @@ def check_config(config: ml_collections.ConfigDict, reads_data: bool = True) -> 
             "multiple of the device count"
         )
     source = config.data.source if reads_data else None
-    if isinstance(source, str) and source != "shapes64" and ("/" in source or source.startswith(".")):
+    if isinstance(source, str) and ("/" in source or source.startswith(".")):
         if not Path(source).exists():
             raise TrainConfigError(f"data.source {source} does not exist; expected a folder of images or a TFDS name")
         if Path(source).is_dir() and not any(Path(source).iterdir()):

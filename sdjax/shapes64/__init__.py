@@ -1,0 +1,41 @@
+"""shapes64: a synthetic world of one coloured shape on a solid background (64x64), with captions.
+
+- `scene.py`: drawing, sampling and captions (numpy only; re-exported here);
+- `dataset.py`: the TFDS builder "shapes64" (imports TensorFlow Datasets; import it explicitly);
+- `judge.py`: reads colour, shape and background off an image to score a model (numpy only);
+  `python -m sdjax.shapes64.judge MODEL`.
+"""
+
+from sdjax.shapes64.scene import (
+    CAPTION_TEMPLATE,
+    COLORS,
+    IMAGE_SIZE,
+    MAX_SIZE,
+    MIN_SIZE,
+    PALETTE,
+    SHAPES,
+    SceneError,
+    caption,
+    captions,
+    coverage,
+    example,
+    render,
+    sample_scene,
+)
+
+__all__ = [
+    "CAPTION_TEMPLATE",
+    "COLORS",
+    "IMAGE_SIZE",
+    "MAX_SIZE",
+    "MIN_SIZE",
+    "PALETTE",
+    "SHAPES",
+    "SceneError",
+    "caption",
+    "captions",
+    "coverage",
+    "example",
+    "render",
+    "sample_scene",
+]
