@@ -41,6 +41,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdjax.train import loop
+from sdjax.train.monitor import NonFiniteLossError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the model folder, checkpoints, logs and samples.")
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> None:
     # anything else is a bug and keeps its traceback.
     try:
         loop.train_and_evaluate(config, _WORKDIR.value)
-    except (loop.NonFiniteLossError, ValueError) as e:
+    except (NonFiniteLossError, ValueError) as e:
         if not type(e).__module__.startswith("sdjax"):
             raise
         logging.error("%s: %s", type(e).__name__, e)

@@ -56,30 +56,30 @@ def shapes64_setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The pmapped stage-2 step of ``config`` on one device with its replicated random-init state, frozen VAE
     params, a synthetic batch {"image": (1, B, R, R, 3) float32 in [-1, 1], "input_ids": (1, B, 77) int32} and
     the run's rng, built as the train loop builds them."""
-    from sdjax import schedule
+    from sdjax import parallel, schedule
     from sdjax.models.vae import AutoencoderKL, AutoencoderKLConfig
-    from sdjax.train import loop
+    from sdjax.train import diffusion_stage
+    from sdjax.train import model as model_lib
     from sdjax.train import state as state_lib
     from sdjax.train import steps as steps_lib
 
-    dtype, rng = loop.compute_dtype(config), jax.random.key(config.seed)
+    dtype, rng = model_lib.compute_dtype(config), jax.random.key(config.seed)
     with tempfile.TemporaryDirectory() as scratch:
-        tok = loop._new_tokenizer(config, Path(scratch))
-    networks = loop._new_networks(config, tok)
+        tok = diffusion_stage._new_tokenizer(config, Path(scratch))
+    networks = diffusion_stage._new_networks(config, tok)
     vae = AutoencoderKL(AutoencoderKLConfig.from_dict(load_config(config.vae_config).vae.to_dict()))
     modules = {"vae": vae.clone(dtype=dtype), **{name: m.clone(dtype=dtype) for name, m in networks.items()}}
     if config.remat:
         modules["unet"] = modules["unet"].clone(remat=True)
-    model = loop.Model(
-        modules, {"vae": loop.init_params(vae, jax.random.fold_in(rng, 2))}, tokenizer=tok,
+    model = model_lib.Model(
+        modules, {"vae": model_lib.init_params(vae, jax.random.fold_in(rng, 2))}, tokenizer=tok,
         schedule=schedule.ScheduleConfig.from_dict(config.schedule.to_dict()),
     )  # fmt: skip
-    params = loop.initial_params(config, model, jax.random.fold_in(rng, 1))
+    params = model_lib.initial_params(config, model, jax.random.fold_in(rng, 1))
     state = state_lib.create_train_state(
         params, state_lib.make_optimizer(config), ema=config.ema_decay > 0, accumulation_steps=config.grad_accum_steps
     )
-    m = modules
-    step = steps_lib.make_diffusion_step(m["unet"], m["text_encoder"], m["vae"], model.schedule, config)
+    step = steps_lib.make_train_step(diffusion_stage.DiffusionStage().loss_fn(config, model), config)
     devices = jax.local_devices()[:1]
     b, r = config.batch_size, config.data.resolution
     data_rng = np.random.default_rng(0)
@@ -89,8 +89,8 @@ def shapes64_setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
     return {
         "p_step": steps_lib.pmap_step(step, devices),
-        "state": steps_lib.replicate(state, devices),
-        "frozen": steps_lib.replicate(model.frozen, devices),
+        "state": parallel.replicate(state, devices),
+        "frozen": parallel.replicate(model.frozen, devices),
         "batch": batch,
         "rng": rng,
         "num_params": {name: sum(x.size for x in jax.tree.leaves(p)) for name, p in params.items()},

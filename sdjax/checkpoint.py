@@ -3,7 +3,7 @@
 A training workdir ``DIR`` holds::
 
     DIR/model/                 diffusers-style folder written when training starts (configs, tokenizer, scheduler,
-                               and the weights of the frozen components)
+                               and the weights of the frozen components: ``sdjax.loading.folders.write_model_folder``)
     DIR/checkpoints/<step>/    Orbax items: params, ema_params (when EMA is on), opt_state, meta (JSON: step, rng,
                                data_position)
 
@@ -14,9 +14,6 @@ a checkpoint written on a TPU slice restores on a laptop CPU.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +21,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sdjax import weights
-from sdjax.tokenizer import save_tokenizer
-
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 META = "meta"
 # Items of one checkpoint; only "params" is required (ema_params is absent when EMA is off).
 ITEMS = ("params", "ema_params", "opt_state")
-
-DIFFUSERS_VERSION = weights.DIFFUSERS_VERSION
-PIPELINE_COMPONENTS = {
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-}
 
 Params = dict[str, Any]
 
@@ -148,48 +134,3 @@ def load_trained_params(workdir: str | Path, step: int | None = None, ema: bool 
         return jax.tree.map(np.asarray, dict(restored[item]))
     finally:
         checkpoints.close()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def write_model_folder(
-    folder: str | Path,
-    components: dict[str, tuple[Any, Params | None]],
-    *,
-    tokenizer: Any = None,
-    scheduler_config: dict[str, Any] | None = None,
-) -> None:
-    """Writes the diffusers-style ``DIR/model/`` folder of a training run, all at once.
-
-    components: name ("vae", "unet", "text_encoder") -> (flax module, params or None). Components with params
-    (the frozen ones) get config.json + safetensors; trained ones (params None) only config.json, their weights
-    live in the checkpoints. With a unet, model_index.json describes a ``StableDiffusionPipeline``; a VAE-only
-    (stage 1) folder describes an ``AutoencoderKL``. scheduler_config: a diffusers ``scheduler_config.json`` dict.
-    """
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, (module, params) in components.items():
-        if params is None:
-            _write_json(tmp / name / "config.json", weights.component_config(module))
-        else:
-            weights.save_component(module, params, tmp / name)
-    index: dict[str, Any] = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION}
-    if "unet" in components:
-        index["_class_name"] = "StableDiffusionPipeline"
-        index["safety_checker"] = index["feature_extractor"] = [None, None]
-        index["requires_safety_checker"] = False
-    index.update({name: PIPELINE_COMPONENTS[name] for name in components})
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, tmp / "tokenizer")
-        index["tokenizer"] = PIPELINE_COMPONENTS["tokenizer"]
-    if scheduler_config is not None:
-        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
-        index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
-    index["_sdjax_trained"] = sorted(name for name, (_, params) in components.items() if params is None)
-    _write_json(tmp / "model_index.json", index)
-    # The rename makes the folder appear complete or not at all, even if the run is killed while writing.
-    os.replace(tmp, folder)

@@ -1,12 +1,17 @@
-"""Image helpers shared by sample.py and training: float images -> uint8, grids, PNGs with text metadata."""
+"""Images in and out: reading init images of any mode, float images -> uint8, grids, PNGs with text metadata."""
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from sdjax.errors import PipelineError
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -35,3 +40,55 @@ def save_png(image: np.ndarray, path: str | os.PathLike, metadata: dict[str, str
     for key, value in (metadata or {}).items():
         info.add_text(key, str(value))
     Image.fromarray(image).save(path, pnginfo=info)
+
+
+def load_image(image: Any, height: int, width: int) -> jax.Array:
+    """Path / PIL image (any mode: 16-bit, palette, RGBA, grayscale) / array (H, W, 3) uint8 or float in [0, 1]
+    -> (height, width, 3) float32 in [-1, 1]."""
+    if isinstance(image, (str, os.PathLike)):
+        image = read_image(image)
+    if isinstance(image, Image.Image):
+        array = np.asarray(to_rgb(image).resize((width, height), Image.LANCZOS), np.float32) / 255.0
+    else:
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise PipelineError(f"init image must be (H, W, 3), got shape {array.shape}")
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255.0
+        elif np.issubdtype(array.dtype, np.floating):
+            array = array.astype(np.float32)
+            if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+                raise PipelineError(
+                    f"a float init image must be finite and in [0, 1], got values in [{array.min()}, {array.max()}]"
+                    " (divide 0-255 data by 255, or pass uint8)"
+                )
+        else:
+            raise PipelineError(f"init image arrays must be uint8 or float in [0, 1], got dtype {array.dtype}")
+        if array.shape[:2] != (height, width):
+            array = np.asarray(jax.image.resize(array, (height, width, 3), "bilinear"))
+    return jnp.asarray(array * 2.0 - 1.0)
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Opens and fully reads an image file; PipelineError naming the file when it is not a readable image."""
+    try:
+        with Image.open(path) as f:
+            f.load()
+            return f.copy()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise PipelineError(f"init image {path} cannot be read as an image: {e}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL mode: 16-bit and 32-bit integer / float grayscale are scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, np.float64)
+        scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if image.mode == "F" and values.max() <= 1.0:
+            scale = 1.0
+        gray = np.clip(np.round(values / scale * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparent -> white, as viewers show
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from sdjax import checkpoint
+from sdjax.loading import folders
 from sdjax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from sdjax.weights import load_component
 
@@ -120,7 +121,7 @@ def vae_and_params():
 
 def test_model_folder_holds_weights_of_frozen_components_only(tmp_path):
     vae, params = vae_and_params()
-    checkpoint.write_model_folder(tmp_path / "model", {"vae": (vae, params), "unet": (vae, None)})
+    folders.write_model_folder(tmp_path / "model", {"vae": (vae, params), "unet": (vae, None)})
     assert (tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "model" / "unet").iterdir()) == ["config.json"]
     module, loaded = load_component(tmp_path / "model" / "vae")
@@ -130,7 +131,7 @@ def test_model_folder_holds_weights_of_frozen_components_only(tmp_path):
 
 def test_stage1_model_index_describes_a_vae(tmp_path):
     vae, _ = vae_and_params()
-    checkpoint.write_model_folder(tmp_path / "model", {"vae": (vae, None)})
+    folders.write_model_folder(tmp_path / "model", {"vae": (vae, None)})
     index = json.loads((tmp_path / "model" / "model_index.json").read_text())
     assert index["_class_name"] == "AutoencoderKL"
     assert index["vae"] == ["diffusers", "AutoencoderKL"]

@@ -52,7 +52,7 @@ def test_single_file_scheduler_configs_are_the_published_files(name):
     """sdjax.single_file carries these three published scheduler configs; they must not drift from the files."""
     import json
 
-    from sdjax.single_file import SCHEDULER_CONFIGS
+    from sdjax.loading.single_file import SCHEDULER_CONFIGS
 
     published = json.loads((FIXTURES / name / "scheduler" / "scheduler_config.json").read_text())
     assert SCHEDULER_CONFIGS[name] == published

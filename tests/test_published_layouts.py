@@ -102,7 +102,7 @@ def _single_file(folder, out):
     from safetensors.numpy import save_file
     from safetensors.torch import load_file
 
-    from sdjax.single_file import diffusers_to_ldm
+    from sdjax.loading.ldm_names import diffusers_to_ldm
 
     components = {}
     for name in ("unet", "vae", "text_encoder"):

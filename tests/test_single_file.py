@@ -18,7 +18,8 @@ from transformers import CLIPTextConfig as TorchCLIPTextConfig
 from transformers import CLIPTextModel as TorchCLIPTextModel
 
 from sdjax import weights
-from sdjax.single_file import diffusers_to_ldm, infer_configs, ldm_to_diffusers, load_single_file
+from sdjax.loading.ldm_names import diffusers_to_ldm, ldm_to_diffusers
+from sdjax.loading.single_file import infer_configs, load_single_file
 from sdjax.weights import WeightsError
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -24,10 +24,12 @@ import numpy as np
 import pytest
 import torch
 
-from sdjax import checkpoint, schedule
+from sdjax import checkpoint, parallel, schedule
 from sdjax.models.vae import AutoencoderKL, AutoencoderKLConfig
-from sdjax.train import loop, losses, steps
+from sdjax.train import checks, diffusion_stage, loop, losses, monitor, steps
+from sdjax.train import model as model_lib
 from sdjax.train import state as state_lib
+from sdjax.train.vae_stage import VAEStage
 from sdjax.weights import load_component
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,21 +247,25 @@ def test_ema_moves_only_on_optimizer_updates():
 # ----------------------------------------------------------------------------------------------- update steps
 
 
+def vae_train_step(vae, config):
+    return steps.make_train_step(VAEStage().loss_fn(config, model_lib.Model({"vae": vae}, {})), config)
+
+
 @pytest.fixture(scope="module")
 def vae_step():
     config = vae_config()
     vae = AutoencoderKL(AutoencoderKLConfig.from_dict(config.vae.to_dict()))
-    params = {"vae": loop.init_params(vae, jax.random.key(0))}
+    params = {"vae": model_lib.init_params(vae, jax.random.key(0))}
     devices = jax.local_devices()[:1]
     state = state_lib.create_train_state(params, state_lib.make_optimizer(config), ema=True)
-    return steps.pmap_step(steps.make_vae_step(vae, config), devices), state, devices
+    return steps.pmap_step(vae_train_step(vae, config), devices), state, devices
 
 
 def test_vae_step_trains_the_vae_and_reports_psnr(vae_step):
     p_step, state, devices = vae_step
     batch = next(synthetic_batches(0))
-    new_state, metrics = p_step(steps.replicate(state, devices), {}, {"image": batch["image"]}, jax.random.key(0))
-    new_params = loop._unreplicate(new_state.params)
+    new_state, metrics = p_step(parallel.replicate(state, devices), {}, {"image": batch["image"]}, jax.random.key(0))
+    new_params = parallel.unreplicate(new_state.params)
     assert max_abs_diff(new_params, state.params) > 0
     assert set(metrics) == {"loss", "reconstruction", "kl", "psnr", "grad_norm"}
     assert 0 < float(metrics["psnr"][0]) < 20  # a random VAE reconstructs noise badly
@@ -277,7 +283,7 @@ def shapes_batch() -> np.ndarray:
 def test_vae_loss_falls_when_overfitting_one_batch(vae_step):
     p_step, state, devices = vae_step
     batch = {"image": shapes_batch()}
-    state, rng, history = steps.replicate(state, devices), jax.random.key(0), []
+    state, rng, history = parallel.replicate(state, devices), jax.random.key(0), []
     for _ in range(60):
         state, metrics = p_step(state, {}, batch, rng)
         history.append(float(metrics["reconstruction"][0]))
@@ -297,13 +303,13 @@ def vae_update(num_devices: int) -> dict:
     config = vae_config()
     vae = AutoencoderKL(AutoencoderKLConfig.from_dict(config.vae.to_dict()))
     state = state_lib.create_train_state(
-        {"vae": loop.init_params(vae, jax.random.key(0))}, state_lib.make_optimizer(config), ema=True
+        {"vae": model_lib.init_params(vae, jax.random.key(0))}, state_lib.make_optimizer(config), ema=True
     )
     devices = jax.local_devices()[:num_devices]
-    p_step = steps.pmap_step(steps.make_vae_step(vae, config), devices)
+    p_step = steps.pmap_step(vae_train_step(vae, config), devices)
     images = next(synthetic_batches(0))["image"].reshape(num_devices, -1, RES, RES, 3)
-    new_state, metrics = p_step(steps.replicate(state, devices), {}, {"image": images}, jax.random.key(0))
-    params = jax.tree.map(lambda x: x.tolist(), loop._unreplicate(new_state.params))
+    new_state, metrics = p_step(parallel.replicate(state, devices), {}, {"image": images}, jax.random.key(0))
+    params = jax.tree.map(lambda x: x.tolist(), parallel.unreplicate(new_state.params))
     return {"metrics": {k: float(v[0]) for k, v in metrics.items()}, "params": params}
 
 
@@ -350,7 +356,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(vae_run, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(loop.NonFiniteLossError, match="loss=nan.* at step 6.*last good checkpoint is step 4"):
+    with pytest.raises(monitor.NonFiniteLossError, match="loss=nan.* at step 6.*last good checkpoint is step 4"):
         loop.train_and_evaluate(vae_config(), tmp_path, batches_fn=lambda p: synthetic_batches(p, nan_at=5))
     assert checkpoint.Checkpoints(tmp_path).all_steps() == [2, 4]
     params = checkpoint.load_trained_params(tmp_path, ema=False)
@@ -368,7 +374,7 @@ def test_diffusion_without_stage1_workdir_names_the_command_to_run(tmp_path):
     config = load_config("shapes64")
     config.vae_path = str(tmp_path / "missing_vae")
     with pytest.raises(
-        loop.TrainConfigError, match=r"train.py --config=configs/shapes64_vae.py:tiny --workdir=.*missing_vae"
+        checks.TrainConfigError, match=r"train.py --config=configs/shapes64_vae.py:tiny --workdir=.*missing_vae"
     ):
         loop.train_and_evaluate(config, tmp_path / "run", batches_fn=synthetic_batches)
 
@@ -385,8 +391,8 @@ def diffusion_run(vae_run, tmp_path_factory):
 
 def test_diffusion_step_trains_unet_and_text_encoder(diffusion_run):
     workdir, config = diffusion_run
-    model = loop.load_model(config, workdir / "model")
-    initial = loop.initial_params(config, model, jax.random.fold_in(jax.random.key(config.seed), 1))
+    model = model_lib.load_model(config, workdir / "model")
+    initial = model_lib.initial_params(config, model, jax.random.fold_in(jax.random.key(config.seed), 1))
     trained = checkpoint.load_trained_params(workdir, ema=False)
     assert set(trained) == {"unet", "text_encoder"}  # the VAE stays frozen
     for name in ("unet", "text_encoder"):
@@ -406,7 +412,7 @@ def test_new_vae_scaling_factor_is_one_over_the_latent_std(diffusion_run):
     vae, vae_params = load_component(workdir / "model" / "vae")
     batches = itertools.islice(synthetic_batches(0), config.scaling_batches)
     images = [b["image"].reshape(-1, RES, RES, 3) for b in batches]
-    expected = 1.0 / steps.latent_std(vae, vae_params, images)
+    expected = 1.0 / diffusion_stage.latent_std(vae, vae_params, images)
     np.testing.assert_allclose(vae.config.scaling_factor, expected, rtol=1e-5)
 
 

@@ -68,6 +68,11 @@ class AutoencoderKLConfig(ModelConfig):
                 f"by norm_num_groups={self.norm_num_groups}"
             )
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Image pixels per latent pixel along each side: 2 ** (number of blocks - 1), 8 for SD."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 @struct.dataclass
 class DiagonalGaussian:
@@ -239,8 +244,8 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
         """Images (B, H, W, in_channels) in [-1, 1], any float dtype -> float32 posterior over
-        (B, H/f, W/f, latent_channels) latents, f = 2**(len(block_out_channels) - 1)."""
-        _check_input(x, self.config.in_channels, 2 ** (len(self.config.block_out_channels) - 1), "images")
+        (B, H/f, W/f, latent_channels) latents, f = ``config.downsampling_factor``."""
+        _check_input(x, self.config.in_channels, self.config.downsampling_factor, "images")
         moments = self.encoder(x.astype(self.dtype))
         if self.config.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -273,7 +278,7 @@ class AutoencoderKL(nn.Module):
 
     def dummy_inputs(self) -> tuple[jax.Array]:
         """The smallest image batch that survives every downsampling: (1, f, f, in_channels) float32."""
-        size = 2 ** (len(self.config.block_out_channels) - 1)
+        size = self.config.downsampling_factor
         return (jnp.zeros((1, size, size, self.config.in_channels), jnp.float32),)
 
 

@@ -12,9 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
+
+from sdjax import checkpoint, parallel
 
 LR_SCHEDULES = ("cosine", "constant")
 Params = dict[str, Any]
@@ -101,3 +104,26 @@ def apply_update(state: TrainState, grads: Params, *, ema_decay_max: float, ema_
     decay = ema_decay((state.step + 1) // k - 1, ema_decay_max, ema_warmup)
     ema = update_ema(state.ema_params, new_state.params, jnp.where(updated, decay, 1.0))
     return new_state.replace(ema_params=ema)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(ckpts: checkpoint.Checkpoints, state: Any, step: int, rng: jax.Array) -> None:
+    """Saves the replicated ``state`` after optimizer step ``step`` with the RNG and data position."""
+    host = parallel.unreplicate(state)
+    items = {"params": host.params, "opt_state": host.opt_state}
+    if host.ema_params is not None:
+        items["ema_params"] = host.ema_params
+    meta = {"data_position": int(host.step), "rng": np.asarray(jax.random.key_data(rng)).tolist()}
+    ckpts.save(step, items, meta)
+
+
+def restore_checkpoint(ckpts: checkpoint.Checkpoints, state: TrainState) -> tuple[Any, int, jax.Array]:
+    """(state, optimizer step, rng) from the latest checkpoint; ``state`` gives the structure."""
+    targets = {"params": state.params, "opt_state": state.opt_state}
+    if state.ema_params is not None:
+        targets["ema_params"] = state.ema_params
+    items, meta = ckpts.restore(targets)
+    state = state.replace(step=np.int32(meta["data_position"]), **items)
+    return state, int(meta["step"]), jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))

@@ -1,0 +1,228 @@
+"""Stage 2: latent diffusion. Trains the UNet (and optionally the text encoder) to denoise the latents of a
+frozen VAE; the preview samples ``config.sample_prompts`` with the pipeline.
+
+The model folder of a new run gets the tokenizer (a pretrained one, or one learnt from a synthetic source's
+captions), the frozen VAE with the ``scaling_factor`` it is used with (measured for a new stage-1 VAE), the
+configs of the networks and the scheduler config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sdjax import checkpoint, images, latents, schedule, tokenizer, weights
+from sdjax.loading import folders
+from sdjax.train import losses
+from sdjax.train.checks import TrainConfigError
+from sdjax.train.stage import Batches, Params, Preview
+from sdjax.train.steps import LossFn, example_keys, normal
+
+
+class DiffusionStage:
+    name = "diffusion"
+    reads_captions = True
+
+    def trained(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        return ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
+
+    def write_model_folder(self, config: ml_collections.ConfigDict, folder: Path, batches_fn: Any) -> None:
+        with tempfile.TemporaryDirectory() as scratch:
+            tok = _new_tokenizer(config, Path(scratch))
+            vae, vae_params = _scaled_vae(config, lambda: batches_fn(tok))
+            networks = _new_networks(config, tok)
+            components = {
+                "vae": (vae, vae_params),
+                "unet": (networks["unet"], None),
+                "text_encoder": (networks["text_encoder"], _frozen_text_encoder_params(config)),
+            }
+            folders.write_model_folder(folder, components, tokenizer=tok, scheduler_config=_scheduler_config(config))
+
+    def loss_fn(self, config: ml_collections.ConfigDict, model: Any) -> LossFn:
+        """Denoising loss of the UNet on latents of the frozen VAE (``frozen["vae"]``), conditioned on the text
+        encoder (trained when its params are in ``params``, else ``frozen["text_encoder"]``). Uniform timesteps;
+        the target (epsilon / v / sample) is the schedule's ``prediction_type``; min-SNR-gamma weights
+        (config.loss.snr_gamma) and offset noise (config.loss.noise_offset) as options. Metrics: loss, mse."""
+        unet, text_encoder, vae = (model.modules[k] for k in ("unet", "text_encoder", "vae"))
+        # The noise schedule of training, as diffusers' training scripts read it (DDPMScheduler.from_pretrained).
+        schedule_cfg = model.schedule.for_class("DDPMScheduler")
+        alphas_cumprod = schedule.alphas_cumprod(schedule_cfg)
+        prediction_type, loss_cfg = schedule_cfg.prediction_type, config.loss
+
+        def loss_fn(params, frozen, batch, rng, step):
+            images, input_ids = batch["image"], batch["input_ids"]
+            posterior_key, noise_key, offset_key, t_key = example_keys(rng, step, images.shape[0], 4)
+            shape = latents.latent_shape(vae, images.shape[1], images.shape[2])
+            x0 = jax.lax.stop_gradient(latents.encode(vae, frozen["vae"], images, normal(posterior_key, shape)))
+            noise = normal(noise_key, shape)
+            if loss_cfg.noise_offset:
+                noise = losses.offset_noise(noise, normal(offset_key, shape[-1:]), loss_cfg.noise_offset)
+            t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule_cfg.num_train_timesteps))(t_key)
+            noisy = schedule.add_noise(alphas_cumprod, x0, noise, t)
+            target = losses.diffusion_target(alphas_cumprod, x0, noise, t, prediction_type)
+            weights_ = losses.min_snr_weights(schedule.snr(alphas_cumprod, t), loss_cfg.snr_gamma, prediction_type)
+            text_params = params["text_encoder"] if "text_encoder" in params else frozen["text_encoder"]
+            context = text_encoder.apply({"params": text_params}, input_ids)
+            prediction = unet.apply({"params": params["unet"]}, noisy.astype(unet.dtype), t, context)
+            return losses.diffusion_loss(prediction, target, weights_)
+
+        return loss_fn
+
+    def preview(self, config: ml_collections.ConfigDict, model: Any, images_: np.ndarray) -> Preview:
+        """Samples of config.sample_prompts (config.sample_steps, config.sample_guidance_scale, seed 0). One
+        pipeline for the run, so the sampler compiles once."""
+        from sdjax.pipeline import StableDiffusion
+
+        pipe = StableDiffusion(
+            **model.modules, params=dict(model.frozen), tokenizer=model.tokenizer, schedule=model.schedule,
+            scheduler_class=model.scheduler_class,
+        )  # fmt: skip
+
+        def draw(params):
+            pipe.params = {**model.frozen, **params}
+            pictures = pipe.generate(
+                list(config.sample_prompts), num_inference_steps=config.sample_steps,
+                guidance_scale=config.sample_guidance_scale, seed=0,
+            )  # fmt: skip
+            return images.image_grid(pictures)
+
+        return draw
+
+
+def close_batches(batches: Any) -> None:
+    """Closes a batch iterator that can be closed (the tf.data pipeline's prefetch threads outlive an abandoned
+    iterator otherwise)."""
+    if hasattr(batches, "close"):
+        batches.close()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_mean(vae: Any, params: Any, images: jax.Array) -> jax.Array:
+    return vae.apply({"params": params}, images, method=vae.encode).mean
+
+
+def latent_std(vae: Any, params: Any, batches: list[jax.Array]) -> float:
+    """Standard deviation of the (unscaled, posterior-mean) latents of ``batches`` of images (B, H, W, 3) in
+    [-1, 1]: 1 / latent_std is the ``scaling_factor`` that gives the diffusion model unit-variance latents
+    (Rombach et al. 2022, Sec. G)."""
+    z = jnp.concatenate([_vae_mean(vae, params, jnp.asarray(x)).reshape(-1) for x in batches])
+    return float(jnp.std(z.astype(jnp.float32)))
+
+
+def _new_tokenizer(config: ml_collections.ConfigDict, scratch: Path) -> Any:
+    if config.pretrained_path:
+        return tokenizer.load_tokenizer(config.pretrained_path)
+    if config.tokenizer_path:
+        return tokenizer.load_tokenizer(config.tokenizer_path)
+    from sdjax.data import sources
+
+    captions = sources.captions(config.data.source)
+    if captions is not None:  # a synthetic source with a finite set of captions: its own small vocabulary
+        return tokenizer.build_tokenizer(captions, scratch)
+    raise TrainConfigError(
+        f"no tokenizer for data source {config.data.source!r}: set config.tokenizer_path (a CLIP tokenizer folder) "
+        "or config.pretrained_path (a diffusers Stable Diffusion folder)"
+    )
+
+
+def _vae_hint(config: ml_collections.ConfigDict) -> str:
+    also = "set --config.vae_path to a stage-1 workdir or a diffusers VAE folder"
+    if not config.get("vae_config"):
+        return also
+    return f"train it first with `python train.py --config={config.vae_config} --workdir={config.vae_path}`, or {also}"
+
+
+def _load_vae(config: ml_collections.ConfigDict) -> tuple[Any, Params, bool]:
+    """(module, float32 params, new) of the stage-2 VAE; ``new`` when it comes from a stage-1 workdir."""
+    if not config.vae_path and not config.pretrained_path:
+        raise TrainConfigError(
+            "stage 2 needs a VAE: set --config.pretrained_path (a diffusers Stable Diffusion folder) or "
+            "--config.vae_path (a stage-1 workdir or a diffusers AutoencoderKL folder)"
+        )
+    path = Path(config.vae_path or Path(config.pretrained_path) / "vae")
+    if checkpoint.is_workdir(path):
+        try:
+            params = checkpoint.load_trained_params(path, ema=config.vae_ema)
+        except checkpoint.CheckpointError as e:
+            raise TrainConfigError(f"stage-1 workdir {path} has no VAE checkpoint ({e}); {_vae_hint(config)}") from e
+        if "vae" not in params:
+            raise TrainConfigError(f"{path} is not a stage-1 (VAE) workdir: it trained {sorted(params)}")
+        return weights.build_component(path / checkpoint.MODEL_DIR / "vae"), params["vae"], True
+    for folder in (path, path / "vae"):
+        if (folder / "config.json").is_file():
+            module, params = weights.load_component(folder)
+            return module, params, False
+    raise TrainConfigError(f"no VAE at {path}; {_vae_hint(config)}")
+
+
+def _scaled_vae(config: ml_collections.ConfigDict, batches_fn: Callable[[], Batches]) -> tuple[Any, Params]:
+    """The frozen VAE with the ``scaling_factor`` it will be used with: config.scaling_factor if set, else
+    1 / std of the latents of config.scaling_batches batches (from ``batches_fn()``) for a new VAE, else the
+    VAE's own."""
+    module, params, new = _load_vae(config)
+    factor = config.scaling_factor
+    if factor is None and new:
+        batches = batches_fn()
+        try:
+            first = itertools.islice(batches, config.scaling_batches)
+            images = [b["image"].reshape(-1, *b["image"].shape[2:]) for b in first]
+        finally:
+            close_batches(batches)
+        factor = 1.0 / latent_std(module, params, images)
+        logging.info("VAE latent scaling_factor = 1 / std = %.5f", factor)
+    if factor is not None:
+        module = module.clone(config=dataclasses.replace(module.config, scaling_factor=float(factor)))
+    return module, params
+
+
+def _scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    if config.pretrained_path:
+        path = Path(config.pretrained_path) / "scheduler" / "scheduler_config.json"
+        return json.loads(path.read_text())
+    cfg = schedule.ScheduleConfig(**config.schedule.to_dict())  # sdjax's own config: every field explicit
+    return {"_class_name": config.scheduler_class, "_diffusers_version": weights.DIFFUSERS_VERSION, **cfg.to_dict()}
+
+
+def _new_networks(config: ml_collections.ConfigDict, tok: Any) -> dict[str, Any]:
+    """Modules of the text encoder and UNet: from config.pretrained_path, else built from config."""
+    if config.pretrained_path:
+        root = Path(config.pretrained_path)
+        return {name: weights.build_component(root / name) for name in ("text_encoder", "unet")}
+    from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+    from sdjax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+
+    text_config = CLIPTextConfig.from_dict(
+        {**config.text_encoder.to_dict(), "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+         "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    )  # fmt: skip
+    unet_config = UNet2DConditionConfig.from_dict(config.unet.to_dict())
+    if unet_config.cross_attention_dims()[0] != text_config.hidden_size:
+        raise TrainConfigError(
+            f"unet.cross_attention_dim={unet_config.cross_attention_dim} must equal the text encoder's "
+            f"hidden_size={text_config.hidden_size}"
+        )
+    return {"text_encoder": CLIPTextModel(text_config), "unet": UNet2DConditionModel(unet_config)}
+
+
+def _frozen_text_encoder_params(config: ml_collections.ConfigDict) -> Params | None:
+    """Params of a frozen (pretrained) text encoder; None when it is trained."""
+    if config.train_text_encoder:
+        return None
+    if not config.pretrained_path and not config.text_encoder_path:
+        raise TrainConfigError(
+            "train_text_encoder=False needs a pretrained text encoder: set --config.pretrained_path or "
+            "--config.text_encoder_path"
+        )
+    return weights.load_component(Path(config.text_encoder_path or Path(config.pretrained_path) / "text_encoder"))[1]

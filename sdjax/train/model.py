@@ -1,0 +1,104 @@
+"""A run's networks: rebuilt from its model folder, with the frozen components' params, and its initial params."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from sdjax import checkpoint, schedule, tokenizer, weights
+from sdjax.train import state as state_lib
+from sdjax.train.checks import TrainConfigError
+from sdjax.train.stage import get_stage
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+Params = dict[str, Any]
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The compute dtype named by ``config.dtype`` (params stay float32 either way)."""
+    if config.dtype not in DTYPES:
+        raise TrainConfigError(f"unknown dtype {config.dtype!r}; accepted: {', '.join(DTYPES)}")
+    return DTYPES[config.dtype]
+
+
+def init_params(module: Any, rng: jax.Array) -> Params:
+    """Random float32 params of ``module`` (flax default initialisers), built from ``module.dummy_inputs()``."""
+    return jax.jit(module.init)(rng, *module.dummy_inputs())["params"]
+
+
+@dataclasses.dataclass
+class Model:
+    """Modules (name -> flax module in the compute dtype) and frozen params (name -> params) of a run."""
+
+    modules: dict[str, Any]
+    frozen: Params
+    tokenizer: Any = None
+    schedule: schedule.ScheduleConfig | None = None
+    scheduler_class: str = "DDIMScheduler"
+
+
+def load_model(config: ml_collections.ConfigDict, folder: Path) -> Model:
+    """Rebuilds the run's modules from ``folder`` (workdir/model); frozen components come with their params."""
+    dtype, trained = compute_dtype(config), get_stage(config.stage).trained(config)
+    index = json.loads((folder / "model_index.json").read_text())
+    modules, frozen = {}, {}
+    for name in ("vae", "text_encoder", "unet"):
+        if name not in index:
+            continue
+        if name in trained:
+            modules[name] = weights.build_component(folder / name, dtype)
+        else:
+            modules[name], frozen[name] = weights.load_component(folder / name, dtype)
+    if "unet" in modules and config.remat:
+        modules["unet"] = modules["unet"].clone(remat=True)
+    if "scheduler" not in index:
+        return Model(modules, frozen)
+    return Model(
+        modules,
+        frozen,
+        tokenizer=tokenizer.load_tokenizer(folder / "tokenizer"),
+        schedule=schedule.ScheduleConfig.from_json_file(folder / "scheduler" / "scheduler_config.json"),
+        scheduler_class=index["scheduler"][1],
+    )
+
+
+def param_shapes(config: ml_collections.ConfigDict, model: Model) -> Params:
+    """``jax.ShapeDtypeStruct`` trees of the trained components' float32 params (no init, no loading)."""
+    return {
+        name: weights.param_shapes(model.modules[name].clone(dtype=jnp.float32))
+        for name in get_stage(config.stage).trained(config)
+    }
+
+
+def initial_params(config: ml_collections.ConfigDict, model: Model, rng: jax.Array) -> Params:
+    """Step-0 float32 params of the trained components: config.pretrained_path's weights when set, else random."""
+    params = {}
+    for i, name in enumerate(get_stage(config.stage).trained(config)):
+        module = model.modules[name]
+        if config.get("pretrained_path"):
+            params[name] = weights.load_component(Path(config.pretrained_path) / name)[1]
+        else:
+            params[name] = init_params(module.clone(dtype=jnp.float32), jax.random.fold_in(rng, i))
+    return params
+
+
+def initial_state(
+    config: ml_collections.ConfigDict, model: Model, ckpts: checkpoint.Checkpoints
+) -> tuple[state_lib.TrainState, int, jax.Array]:
+    """(host state, optimizer step, rng): from the latest checkpoint in ``ckpts``, else step 0 of a new run."""
+    tx, ema, accum = state_lib.make_optimizer(config), config.ema_decay > 0, config.grad_accum_steps
+    rng = jax.random.key(config.seed)
+    if ckpts.latest_step() is None:
+        params = initial_params(config, model, jax.random.fold_in(rng, 1))
+        return state_lib.create_train_state(params, tx, ema=ema, accumulation_steps=accum), 0, rng
+    create = lambda p: state_lib.create_train_state(p, tx, ema=ema, accumulation_steps=accum)
+    state, start, rng = state_lib.restore_checkpoint(ckpts, jax.eval_shape(create, param_shapes(config, model)))
+    logging.info("resumed from %s at step %d", ckpts.directory / str(start), start)
+    return state, start, rng
