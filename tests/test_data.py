@@ -188,11 +188,9 @@ def test_an_unknown_option_of_a_named_source_raises_a_clear_error():
         sources.builder("shapes64", seed=3)
 
 
-def test_options_for_a_source_that_is_not_named_raise_a_clear_error(shapes, tmp_path):
-    with pytest.raises(ValueError, match="apply only to named sources"):
-        sources.builder(str(tmp_path), num_train=10)
-    with pytest.raises(ValueError, match="apply only to named sources"):
-        sources.builder(shapes, num_train=10)
+def test_options_for_a_source_that_is_not_named_are_ignored_with_a_warning(shapes, tmp_path):
+    with pytest.warns(UserWarning, match="apply only to named sources"):
+        assert sources.builder(shapes, num_train=10) is shapes
 
 
 def test_a_builder_instance_is_its_own_source(shapes):

@@ -454,6 +454,19 @@ def test_corrupt_image_in_an_image_folder_is_skipped(tmp_path, data_dir):
     assert logged_scalars(tmp_path / "run", "train/corrupt_images_skipped")[-1] >= 1  # counts read-ahead too
 
 
+def test_validation_loss_is_logged_every_eval_every_steps(tmp_path):
+    """eval.jsonl holds the stage's metrics on the fixed validation batches (the EMA params) at steps 2 and 4,
+    and they move as the params train."""
+    config = vae_config(steps=4, eval_every=2, eval_batches=2)
+    validation = lambda: synthetic_batches(10_000)  # noqa: E731 - positions training never reaches
+    loop.train_and_evaluate(config, tmp_path, batches_fn=synthetic_batches, eval_batches_fn=validation)
+    records = [json.loads(line) for line in (tmp_path / "logs" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"loss", "reconstruction", "kl", "psnr"} <= set(records[0])
+    assert all(np.isfinite(r["loss"]) for r in records) and records[0]["loss"] != records[1]["loss"]
+    assert logged_scalars(tmp_path, "eval/loss") == pytest.approx([r["loss"] for r in records], rel=1e-6)
+
+
 def complete_checkpoints(workdir: Path) -> list[int]:
     # Orbax renames a checkpoint to its bare step number only once it is complete.
     return [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]

@@ -156,7 +156,9 @@ def open_source(
     if not builder.is_prepared():
         builder.download_and_prepare(file_format=builder.info.file_format or "array_record")
     if split not in builder.info.splits:
-        raise DataError(f"{builder.name} has no split {split!r}; its splits: {list(builder.info.splits)}")
+        raise sources.MissingSplitError(
+            f"{builder.name} has no split {split!r}; its splits: {list(builder.info.splits)}"
+        )
     _check_features(builder, image_key, caption_key)
     random_access = builder.info.file_format in tfds.core.file_adapters.FileFormat.with_random_access()
     reader = _random_access_reader if random_access else _in_memory_reader

@@ -118,11 +118,16 @@ def _eval_batches(config: ml_collections.ConfigDict, model: Any, batches_fn: Any
         return []
     if eval_batches_fn is None and batches_fn is not None:
         return []
-    batches = (
-        eval_batches_fn()
-        if eval_batches_fn
-        else input_pipeline(config, model.tokenizer, 0, config.data.get("eval_split", "validation"))
-    )
+    if eval_batches_fn is not None:
+        batches = eval_batches_fn()
+    else:
+        from sdjax.data.sources import MissingSplitError
+
+        try:
+            batches = input_pipeline(config, model.tokenizer, 0, config.data.get("eval_split", "validation"))
+        except MissingSplitError as e:
+            logging.warning("no validation loss: %s (set --config.data.eval_split, or eval_every=0)", e)
+            return []
     try:
         return list(itertools.islice(batches, config.get("eval_batches", 4)))
     finally:
