@@ -22,11 +22,13 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 # sdjax needs only transformers' tokenizer: silence its "PyTorch was not found" advice in this CLI.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes64"
 
@@ -97,11 +99,36 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {out} is not a writable folder: {e.strerror}") from e
 
 
+def write_images(args: argparse.Namespace, model: Path, images: np.ndarray, negative: Any) -> Path:
+    """Saves images (N, H, W, 3) in [0, 1] as out/NNNN.png with their settings as PNG text, and out/grid.png."""
+    from sdjax.images import image_grid, save_png
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    negatives = negative if isinstance(negative, list) else [negative or ""] * len(args.prompt)
+    for i, image in enumerate(images):
+        p = i // args.num_images
+        metadata = {
+            "prompt": args.prompt[p],
+            "negative_prompt": negatives[p],
+            "seed": args.seed,
+            "image_index": i,
+            "sampler": args.sampler + (" (karras)" if args.karras else ""),
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "model": str(model),
+        }
+        if args.init_image:
+            metadata.update(init_image=args.init_image, strength=args.strength)
+        save_png(image, out / f"{i:04d}.png", metadata)
+    save_png(image_grid(images, cols=args.num_images if len(args.prompt) > 1 else None), out / "grid.png")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     origin = START if argv is None else time.perf_counter()  # called as a script: count the imports too
     args = parse_args(argv)
     import sdjax
-    from sdjax.images import image_grid, save_png
 
     if not args.no_compile_cache:
         sdjax.enable_compile_cache()
@@ -144,25 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    negatives = negative if isinstance(negative, list) else [negative or ""] * len(args.prompt)
-    for i, image in enumerate(images):
-        p = i // args.num_images
-        metadata = {
-            "prompt": args.prompt[p],
-            "negative_prompt": negatives[p],
-            "seed": args.seed,
-            "image_index": i,
-            "sampler": args.sampler + (" (karras)" if args.karras else ""),
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "model": str(model),
-        }
-        if args.init_image:
-            metadata.update(init_image=args.init_image, strength=args.strength)
-        save_png(image, out / f"{i:04d}.png", metadata)
-    save_png(image_grid(images, cols=args.num_images if len(args.prompt) > 1 else None), out / "grid.png")
+    out = write_images(args, model, images, negative)
     write_s = time.perf_counter() - start
     t = pipe.last_timings
     prepare_s = generate_s - t["compile_s"] - t["generate_s"]  # prompt encoding, planning, noise

@@ -11,8 +11,6 @@ import jax
 import ml_collections
 from absl import logging
 
-STAGES = ("vae", "diffusion")
-
 
 class TrainConfigError(ValueError):
     """A training config or workdir that cannot be used; the message says what to change or run."""
@@ -24,8 +22,9 @@ MODEL_SECTIONS = ("stage", "vae", "unet", "text_encoder", "pretrained_path", "va
 
 def check_config(config: ml_collections.ConfigDict, reads_data: bool = True) -> None:
     """TrainConfigError (one line) for a config that cannot train, before anything is created or loaded."""
-    if config.stage not in STAGES:
-        raise TrainConfigError(f"unknown stage {config.stage!r}; accepted: {', '.join(STAGES)}")
+    from sdjax.train.stage import get_stage  # the stages import this module's error
+
+    get_stage(config.stage)  # TrainConfigError listing the stages for an unknown one
     eval_every = config.get("eval_every", 0)
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
         raise TrainConfigError(f"eval_every must be an int >= 0 (0: no evaluation), got {eval_every!r}")

@@ -134,12 +134,8 @@ def _eval_batches(config: ml_collections.ConfigDict, model: Any, batches_fn: Any
         close_batches(batches)
 
 
-def _train(
-    config: ml_collections.ConfigDict, workdir: Path, batches_fn: BatchesFn | None, eval_batches_fn: Any
-) -> state_lib.TrainState:
-    stage, accum = get_stage(config.stage), config.grad_accum_steps
-
-    # --- Model folder (written once per workdir, by host 0) and modules.
+def _model(config: ml_collections.ConfigDict, workdir: Path, stage: Stage, batches_fn: Any) -> model_lib.Model:
+    """The run's networks, from workdir/model (written first, by host 0, when the workdir is new)."""
     model_dir = workdir / checkpoint.MODEL_DIR
     if jax.process_index() == 0 and not (model_dir / "model_index.json").is_file():
         first_batches = (lambda tok: batches_fn(0)) if batches_fn else (lambda tok: input_pipeline(config, tok, 0))
@@ -151,6 +147,16 @@ def _train(
     model = model_lib.load_model(config, model_dir)
     if jax.process_index() == 0:
         (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    return model
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: Path, batches_fn: BatchesFn | None, eval_batches_fn: Any
+) -> state_lib.TrainState:
+    stage, accum = get_stage(config.stage), config.grad_accum_steps
+
+    # --- Model folder (written once per workdir, by host 0) and modules.
+    model = _model(config, workdir, stage, batches_fn)
 
     # --- Train state: restored from the latest checkpoint, else initialised.
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
