@@ -399,6 +399,22 @@ def test_diffusion_step_trains_unet_and_text_encoder(diffusion_run):
         assert max_abs_diff(trained[name], initial[name]) > 0, name
 
 
+def test_preview_compiles_the_sampler_once_per_run(diffusion_run):
+    from sdjax import denoise
+
+    workdir, config = diffusion_run
+    config = config.copy_and_resolve_references()
+    config.sample_prompts, config.sample_steps = ("a red circle on a white background",), 2
+    model = model_lib.load_model(config, workdir / "model")
+    draw = diffusion_stage.DiffusionStage().preview(config, model, np.zeros((1, RES, RES, 3), np.float32))
+    trained = checkpoint.load_trained_params(workdir, ema=False)
+    traces = denoise.TRACE_COUNT
+    first = draw(trained)
+    second = draw(jax.tree.map(lambda x: x * 0.5, trained))
+    assert denoise.TRACE_COUNT == traces + 1  # two previews, one compile
+    assert first.dtype == np.uint8 and np.abs(first.astype(int) - second.astype(int)).max() > 0
+
+
 def test_diffusion_workdir_describes_a_pipeline(diffusion_run):
     workdir, _ = diffusion_run
     model = workdir / "model"
@@ -497,18 +513,15 @@ def test_sigkilled_run_continues_from_its_last_checkpoint(tmp_path, data_dir, co
 
 
 @pytest.mark.slow
-def test_finetuning_trains_the_pretrained_unet_only(tmp_path, data_dir):
-    from tests.reference import tiny_pipeline
-
-    tiny_pipeline(tmp_path / "sd")
+def test_finetuning_trains_the_pretrained_unet_only(tmp_path, data_dir, tiny_model):
     write_image_folder(tmp_path / "pictures")
     config = load_config("sd15_finetune")
-    config.pretrained_path = str(tmp_path / "sd")
+    config.pretrained_path = str(tiny_model)  # read only (the session's teardown checks it is unchanged)
     config.data.update(source=str(tmp_path / "pictures"), data_dir=str(data_dir))
     final = loop.train_and_evaluate(config, tmp_path / "run")
     assert set(final.params) == {"unet"}
-    _, pretrained = load_component(tmp_path / "sd" / "unet")
+    _, pretrained = load_component(tiny_model / "unet")
     assert 0 < max_abs_diff(final.params["unet"], pretrained) < 1e-3  # lr 1e-5, two steps
     _, frozen = load_component(tmp_path / "run" / "model" / "text_encoder")
-    _, original = load_component(tmp_path / "sd" / "text_encoder")
+    _, original = load_component(tiny_model / "text_encoder")
     assert max_abs_diff(frozen, original) == 0
