@@ -242,14 +242,17 @@ class StableDiffusion:
         return jnp.asarray(latents)
 
     def _replicated_params(self, devices: list[Any]) -> Any:
+        """The UNet and VAE params, one copy per device when there are several; replicated once per (device set,
+        params) and reused across generate() calls. Keyed on the params objects, so assigning new ``params``
+        (e.g. a training preview, a LoRA) replicates again."""
         wanted = {"unet": self.params["unet"], "vae": self.params["vae"]}
         if len(devices) == 1:
             return wanted
-        key = tuple(d.id for d in devices)
-        if key not in self._replicated:  # replicate once per device set, reuse across generate() calls
-            self._replicated.clear()
-            self._replicated[key] = parallel.replicate(wanted, devices)
-        return self._replicated[key]
+        key = (tuple(d.id for d in devices), id(wanted["unet"]), id(wanted["vae"]))
+        if key not in self._replicated:
+            self._replicated.clear()  # the cache holds ``wanted`` too, so the ids stay unique while it is used
+            self._replicated[key] = (wanted, parallel.replicate(wanted, devices))
+        return self._replicated[key][1]
 
 
 # ----------------------------------------------------------------------------------------------- arguments

@@ -260,7 +260,10 @@ def build_component(folder: str | Path, dtype: Any = jnp.float32) -> Any:
     """The flax module described by ``folder/config.json``, computing in ``dtype``."""
     class_name, config = read_component_config(folder)
     cls, _ = component_class(class_name, where=f" in {Path(folder) / 'config.json'}")
-    return cls(config=cls.config_class.from_dict(config), dtype=dtype)
+    try:
+        return cls(config=cls.config_class.from_dict(config), dtype=dtype)
+    except (TypeError, ValueError) as e:  # a field of the wrong type or value: name the file, keep the class
+        raise type(e)(f"{Path(folder) / 'config.json'}: {e}") from e
 
 
 def load_component(folder: str | Path, dtype: Any = jnp.float32, variant: str | None = None) -> tuple[Any, Params]:

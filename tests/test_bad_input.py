@@ -11,21 +11,8 @@ from PIL import Image
 import sample
 import sdjax
 from sdjax import export
-from sdjax.pipeline import PipelineError, _load_image
-from tests.reference import tiny_pipeline
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    tiny_pipeline(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pipe(model):
-    return sdjax.StableDiffusion.from_pretrained(model)
-
+from sdjax.images import load_image
+from sdjax.pipeline import PipelineError
 
 GENERATE_CASES = [
     (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
@@ -51,20 +38,44 @@ GENERATE_CASES = [
 
 
 @pytest.mark.parametrize("kwargs, message", GENERATE_CASES, ids=[m[:40] for _, m in GENERATE_CASES])
-def test_generate_rejects_bad_arguments_in_one_line(pipe, kwargs, message):
+def test_generate_rejects_bad_arguments_in_one_line(tiny_pipe, kwargs, message):
     kwargs = {"num_inference_steps": 2, **kwargs}
     with pytest.raises(PipelineError, match=message) as info:
-        pipe.generate(["a red circle"], **kwargs)
+        tiny_pipe.generate(["a red circle"], **kwargs)
     assert "\n" not in str(info.value)
 
 
-def test_non_finite_weights_are_named_on_load(model, tmp_path):
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("layers_per_block", "2", "layers_per_block='2' has the wrong type; expected int"),
+        ("block_out_channels", 32, "block_out_channels=32 has the wrong type; expected tuple"),
+        ("use_linear_projection", "yes", "use_linear_projection='yes' has the wrong type; expected bool"),
+        ("cross_attention_dim", True, "cross_attention_dim=True has the wrong type"),
+    ],
+)
+def test_config_values_of_the_wrong_type_name_the_file_and_field(tiny_model, tmp_path, capsys, field, value, message):
+    import json
+    import shutil
+
+    folder = tmp_path / "typed"
+    shutil.copytree(tiny_model, folder)
+    config_file = folder / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), field: value}))
+    with pytest.raises(ValueError, match=message) as info:
+        sdjax.StableDiffusion.from_pretrained(folder)
+    assert str(config_file) in str(info.value) and "\n" not in str(info.value)
+    assert sample.main(["--model", str(folder), "--out", str(tmp_path / "out"), "--prompt", "a"]) == 2
+    assert message.split(";")[0] in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_named_on_load(tiny_model, tmp_path):
     import shutil
 
     from safetensors.numpy import load_file, save_file
 
     folder = tmp_path / "nan"
-    shutil.copytree(model, folder)
+    shutil.copytree(tiny_model, folder)
     (file,) = (folder / "unet").glob("*.safetensors")
     state = load_file(str(file))
     state["conv_in.weight"] = np.full_like(state["conv_in.weight"], np.nan)
@@ -73,11 +84,11 @@ def test_non_finite_weights_are_named_on_load(model, tmp_path):
         sdjax.StableDiffusion.from_pretrained(folder)
 
 
-def test_non_finite_images_are_an_error_not_a_black_png(pipe, monkeypatch):
+def test_non_finite_images_are_an_error_not_a_black_png(tiny_model):
     import jax
 
-    bad = jax.tree.map(lambda x: x * np.inf, pipe.params["vae"])
-    monkeypatch.setitem(pipe.params, "vae", bad)
+    pipe = sdjax.StableDiffusion.from_pretrained(tiny_model)  # its own: the session's tiny_pipe must stay finite
+    pipe.params["vae"] = jax.tree.map(lambda x: x * np.inf, pipe.params["vae"])
     with pytest.raises(PipelineError, match="non-finite"):
         pipe.generate(["a red circle"], num_inference_steps=2)
 
@@ -102,7 +113,7 @@ def _gradient(size: int = 16) -> np.ndarray:
 def test_init_images_of_any_mode_read_as_their_pixels(make, tmp_path):
     path = tmp_path / "init.png"
     make(_gradient()).save(path)
-    image = np.asarray(_load_image(path, 16, 16))
+    image = np.asarray(load_image(path, 16, 16))
     expected = _gradient() * 2 - 1
     assert np.abs(image[..., 0] - expected).max() < 0.03  # 8-bit rounding + LANCZOS at the same size
 
@@ -110,7 +121,7 @@ def test_init_images_of_any_mode_read_as_their_pixels(make, tmp_path):
 def test_transparent_pixels_read_as_white(tmp_path):
     rgba = np.zeros((16, 16, 4), np.uint8)  # fully transparent black
     Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
-    assert np.allclose(np.asarray(_load_image(tmp_path / "clear.png", 16, 16)), 1.0)
+    assert np.allclose(np.asarray(load_image(tmp_path / "clear.png", 16, 16)), 1.0)
 
 
 # ------------------------------------------------------------------------------------------- sample.py
@@ -128,17 +139,17 @@ SAMPLE_CASES = [
 
 
 @pytest.mark.parametrize("extra, message", SAMPLE_CASES, ids=[m[:30] for _, m in SAMPLE_CASES])
-def test_sample_cli_rejects_bad_arguments_before_loading(model, tmp_path, capsys, extra, message):
+def test_sample_cli_rejects_bad_arguments_before_loading(tiny_model, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
-    code = sample.main(["--model", str(model / "missing"), "--prompt", "x", "--out", str(out), *extra])
+    code = sample.main(["--model", str(tiny_model / "missing"), "--prompt", "x", "--out", str(out), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err
     assert not out.exists()  # checked before the (missing) model was touched: nothing created
 
 
-def test_sample_cli_rejects_an_unreadable_init_image_and_a_file_as_out(model, tmp_path, capsys):
+def test_sample_cli_rejects_an_unreadable_init_image_and_a_file_as_out(tiny_model, tmp_path, capsys):
     (tmp_path / "not_an_image.png").write_text("hello")
-    args = ["--model", str(model), "--prompt", "x", "--steps", "2"]
+    args = ["--model", str(tiny_model), "--prompt", "x", "--steps", "2"]
     assert sample.main([*args, "--init-image", str(tmp_path / "not_an_image.png"), "--out", str(tmp_path / "o")]) == 2
     assert "cannot be read as an image" in capsys.readouterr().err
     (tmp_path / "file").write_text("keep me")
@@ -147,14 +158,14 @@ def test_sample_cli_rejects_an_unreadable_init_image_and_a_file_as_out(model, tm
     assert (tmp_path / "file").read_text() == "keep me"
 
 
-def test_sample_cli_refuses_a_read_only_out_folder(model, tmp_path, capsys):
+def test_sample_cli_refuses_a_read_only_out_folder(tiny_model, tmp_path, capsys):
     import os
 
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o555)
-    assert sample.main(["--model", str(model), "--prompt", "x", "--out", str(ro)]) == 2
+    assert sample.main(["--model", str(tiny_model), "--prompt", "x", "--out", str(ro)]) == 2
     assert "not a writable folder" in capsys.readouterr().err
 
 
@@ -162,11 +173,11 @@ def test_sample_cli_refuses_a_read_only_out_folder(model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("where", ["cwd", "source", "parent"])
-def test_export_refuses_the_current_folder_the_source_and_its_parents(model, tmp_path, monkeypatch, capsys, where):
+def test_export_refuses_the_current_folder_the_source_and_its_parents(tiny_model, tmp_path, monkeypatch, capsys, where):
     import shutil
 
     source = tmp_path / "work" / "source"
-    shutil.copytree(model, source)
+    shutil.copytree(tiny_model, source)
     (tmp_path / "work" / "sibling.txt").write_text("keep me")
     monkeypatch.chdir(tmp_path / "work")
     destination = {"cwd": ".", "source": str(source), "parent": str(tmp_path / "work")}[where]
@@ -175,28 +186,28 @@ def test_export_refuses_the_current_folder_the_source_and_its_parents(model, tmp
     assert (tmp_path / "work" / "sibling.txt").read_text() == "keep me" and (source / "model_index.json").is_file()
 
 
-def test_export_refuses_to_replace_a_folder_of_other_files(model, tmp_path, capsys):
+def test_export_refuses_to_replace_a_folder_of_other_files(tiny_model, tmp_path, capsys):
     other = tmp_path / "photos"
     other.mkdir()
     (other / "holiday.jpg").write_bytes(b"precious")
-    assert export.main([str(model), str(other), "--overwrite"]) == 2
+    assert export.main([str(tiny_model), str(other), "--overwrite"]) == 2
     assert "is not a diffusers model folder (holiday.jpg)" in capsys.readouterr().err
     assert (other / "holiday.jpg").read_bytes() == b"precious"
 
 
-def test_export_overwrite_replaces_a_model_folder(model, tmp_path):
-    assert export.main([str(model), str(tmp_path / "out")]) == 0
-    assert export.main([str(model), str(tmp_path / "out"), "--overwrite"]) == 0
+def test_export_overwrite_replaces_a_model_folder(tiny_model, tmp_path):
+    assert export.main([str(tiny_model), str(tmp_path / "out")]) == 0
+    assert export.main([str(tiny_model), str(tmp_path / "out"), "--overwrite"]) == 0
     assert (tmp_path / "out" / "model_index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or set-aside folder left
 
 
-def test_written_weight_files_follow_the_umask(model, tmp_path):
+def test_written_weight_files_follow_the_umask(tiny_model, tmp_path):
     import os
 
     old = os.umask(0o022)
     try:
-        assert export.main([str(model), str(tmp_path / "out")]) == 0
+        assert export.main([str(tiny_model), str(tmp_path / "out")]) == 0
     finally:
         os.umask(old)
     for file in (tmp_path / "out").rglob("*.safetensors"):
@@ -229,7 +240,7 @@ TRAIN_CASES = [
 
 @pytest.mark.parametrize("overrides, message", TRAIN_CASES, ids=[m[:30] for _, m in TRAIN_CASES])
 def test_bad_training_configs_fail_before_the_workdir_exists(tmp_path, overrides, message):
-    from sdjax.train import loop
+    from sdjax.train import checks, loop
 
     config = _tiny_config()
     for key, value in overrides.items():
@@ -238,34 +249,34 @@ def test_bad_training_configs_fail_before_the_workdir_exists(tmp_path, overrides
         for parent in parents:
             node = node[parent]
         node[name] = value
-    with pytest.raises(loop.TrainConfigError, match=message):
+    with pytest.raises(checks.TrainConfigError, match=message):
         loop.train_and_evaluate(config, tmp_path / "workdir")
     assert not (tmp_path / "workdir").exists()
 
 
 def test_an_empty_data_folder_is_refused(tmp_path):
-    from sdjax.train import loop
+    from sdjax.train import checks, loop
 
     (tmp_path / "empty").mkdir()
     config = _tiny_config()
     config.data.source = str(tmp_path / "empty")
-    with pytest.raises(loop.TrainConfigError, match="is an empty folder"):
+    with pytest.raises(checks.TrainConfigError, match="is an empty folder"):
         loop.train_and_evaluate(config, tmp_path / "workdir")
 
 
 def test_resuming_with_another_architecture_names_the_fields(tmp_path):
-    from sdjax.train import loop
+    from sdjax.train import checks
 
     config = _tiny_config()
     (tmp_path / "train_config.json").write_text(config.to_json_best_effort())
     changed = _tiny_config()
     changed.vae.layers_per_block = 2
     changed.steps = config.steps + 10  # training-only: allowed
-    with pytest.raises(loop.TrainConfigError, match="vae.layers_per_block differ"):
-        loop.check_same_model(changed, tmp_path)
+    with pytest.raises(checks.TrainConfigError, match="vae.layers_per_block differ"):
+        checks.check_same_model(changed, tmp_path)
     longer = _tiny_config()
     longer.steps = config.steps + 10
-    loop.check_same_model(longer, tmp_path)  # no error
+    checks.check_same_model(longer, tmp_path)  # no error
 
 
 def test_train_cli_names_an_unknown_config_field_in_one_line(tmp_path):

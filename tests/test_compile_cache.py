@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.reference import tiny_pipeline
-
 ROOT = Path(__file__).resolve().parents[1]
 # Counts JAX's cache events while generating one image; prints them as JSON.
 SNIPPET = """
@@ -36,13 +34,6 @@ print(json.dumps({**counts, "folder": str(folder), "compile_s": pipe.last_timing
 """
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    tiny_pipeline(folder)
-    return folder
-
-
 def _run(model, cache, size=16, **env):
     inherited = {k: v for k, v in os.environ.items() if k != "SDJAX_NO_COMPILE_CACHE"}  # conftest turns it off
     env = {**inherited, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu", **env}
@@ -54,41 +45,41 @@ def _run(model, cache, size=16, **env):
 
 
 @pytest.fixture(scope="module")
-def cache(model, tmp_path_factory):
+def cache(tiny_model, tmp_path_factory):
     """A cache folder filled by one run at 16x16."""
     folder = tmp_path_factory.mktemp("cache")
-    first = _run(model, folder)
+    first = _run(tiny_model, folder)
     assert first["folder"] == str(folder) and first["hits"] == 0
     return folder
 
 
-def test_second_process_reads_the_compiled_programs_from_the_cache(model, cache):
+def test_second_process_reads_the_compiled_programs_from_the_cache(tiny_model, cache):
     assert any(cache.iterdir())
-    second = _run(model, cache)
+    second = _run(tiny_model, cache)
     assert second["requests"] > 0 and second["hits"] == second["requests"]  # nothing compiled again
     # ... nor traced: the sampling program and the networks' parameter shapes come from the trace cache.
     assert any((cache / "exported").iterdir()) and len(list((cache / "param_shapes").iterdir())) == 3
 
 
-def test_cached_programs_give_the_images_of_a_fresh_compile(model, cache, tmp_path):
-    assert _run(model, cache)["images"] == _run(model, tmp_path / "off", SDJAX_NO_COMPILE_CACHE="1")["images"]
+def test_cached_programs_give_the_images_of_a_fresh_compile(tiny_model, cache, tmp_path):
+    assert _run(tiny_model, cache)["images"] == _run(tiny_model, tmp_path / "off", SDJAX_NO_COMPILE_CACHE="1")["images"]
 
 
-def test_a_different_image_size_misses_the_cache(model, cache):
-    other = _run(model, cache, size=24)
+def test_a_different_image_size_misses_the_cache(tiny_model, cache):
+    other = _run(tiny_model, cache, size=24)
     assert other["hits"] < other["requests"]  # the sampling program for 24x24 is compiled, not read
 
 
-def test_corrupt_cache_entries_do_not_break_a_run(model, cache, tmp_path):
+def test_corrupt_cache_entries_do_not_break_a_run(tiny_model, cache, tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for entry in cache.iterdir():
         if entry.is_file():
             (corrupt / entry.name).write_bytes(b"not a compiled program")
-    assert _run(model, corrupt)["hits"] == 0
+    assert _run(tiny_model, corrupt)["hits"] == 0
 
 
-def test_cache_can_be_turned_off(model, tmp_path):
-    result = _run(model, tmp_path / "cache", SDJAX_NO_COMPILE_CACHE="1")
+def test_cache_can_be_turned_off(tiny_model, tmp_path):
+    result = _run(tiny_model, tmp_path / "cache", SDJAX_NO_COMPILE_CACHE="1")
     assert result["folder"] == "None" and result["hits"] == 0
     assert not (tmp_path / "cache").exists()

@@ -118,8 +118,8 @@ def test_num_images_per_prompt_repeats_each_prompt(reference):
 
 
 def test_img2img_keeps_structure_of_init_image(reference, tmp_path):
-    """The result drifts from the init image as strength grows: d(0.2) < d(0.4) < d(1.0), d being the mean
-    |pixel difference| (8 images of one call, each with its own noise) to the same seed's images at strength 0.1
+    """The result moves away from what the init image gives as strength grows: d(0.2) < d(0.4) < d(1.0), d being the
+    mean |pixel difference| (8 images of one call, each with its own noise) to the same seed's images at strength 0.1
     (one step of ten: the least noise img2img adds here, the low-noise limit). And that limit depends on the init's
     content: swapping the init's black and white halves moves it. Not measured against decode(encode(init)): the
     random-weight VAE does not reconstruct, and its posterior's std (~0.99) dwarfs its mean (~0.29), so the

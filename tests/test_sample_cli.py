@@ -6,24 +6,16 @@ import pytest
 from PIL import Image
 
 import sample
-from tests.reference import tiny_pipeline
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    tiny_pipeline(folder)
-    return folder
 
 
 def run(model, out, *extra):
     return sample.main(["--model", str(model), "--out", str(out), "--steps", "3", *extra])
 
 
-def test_writes_one_png_per_image_with_metadata_and_a_grid(model, tmp_path, capsys):
+def test_writes_one_png_per_image_with_metadata_and_a_grid(tiny_model, tmp_path, capsys):
     args = ["--prompt", "a red circle", "--prompt", "a green square", "--num-images", "2"]
     args += ["--negative-prompt", "blurry"]
-    assert run(model, tmp_path, *args, "--seed", "4", "--sampler", "euler", "--guidance", "5") == 0
+    assert run(tiny_model, tmp_path, *args, "--seed", "4", "--sampler", "euler", "--guidance", "5") == 0
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
     info = Image.open(tmp_path / "0002.png").text
@@ -33,10 +25,10 @@ def test_writes_one_png_per_image_with_metadata_and_a_grid(model, tmp_path, caps
     assert "compile" in capsys.readouterr().out
 
 
-def test_img2img_from_a_file(model, tmp_path):
+def test_img2img_from_a_file(tiny_model, tmp_path):
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
     args = ["--prompt", "a red circle", "--init-image", str(tmp_path / "init.png"), "--strength", "0.5"]
-    assert run(model, tmp_path / "out", *args) == 0
+    assert run(tiny_model, tmp_path / "out", *args) == 0
     assert Image.open(tmp_path / "out" / "0000.png").text["strength"] == "0.5"
 
 
@@ -48,16 +40,16 @@ def test_img2img_from_a_file(model, tmp_path):
         (["--init-image", "/nonexistent.png"], "cannot be read"),
     ],
 )
-def test_bad_input_prints_one_line_and_exits_2(model, tmp_path, capsys, extra, message):
-    assert run(model, tmp_path, "--prompt", "a red circle", *extra) == 2
+def test_bad_input_prints_one_line_and_exits_2(tiny_model, tmp_path, capsys, extra, message):
+    assert run(tiny_model, tmp_path, "--prompt", "a red circle", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_unknown_sampler_is_rejected_listing_choices(model, tmp_path, capsys):
+def test_unknown_sampler_is_rejected_listing_choices(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run(model, tmp_path, "--prompt", "x", "--sampler", "k_lms")
+        run(tiny_model, tmp_path, "--prompt", "x", "--sampler", "k_lms")
     assert "dpmpp_2m" in capsys.readouterr().err
 
 

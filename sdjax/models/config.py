@@ -12,6 +12,10 @@ class UnsupportedConfigError(ValueError):
     """A config.json asks for features sdjax does not implement."""
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config.json field holds a value of the wrong type (e.g. ``"layers_per_block": "2"``)."""
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
@@ -22,6 +26,37 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
     return value
+
+
+_SCALARS = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether a config.json value fits a field annotated ``annotation`` (a union of None, int, float, bool,
+    str and tuple[<scalar>, ...]); lists count as tuples, bools are not numbers."""
+    for option in (o.strip() for o in _split_union(annotation)):
+        if option == "None" and value is None:
+            return True
+        if option.startswith("tuple["):
+            element = option[len("tuple[") : -1].split(",")[0].strip()
+            if isinstance(value, (list, tuple)) and all(_matches(v, element) for v in value):
+                return True
+        elif option in _SCALARS and isinstance(value, _SCALARS[option]):
+            if not (isinstance(value, bool) and option != "bool"):
+                return True
+    return False
+
+
+def _split_union(annotation: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for ch in annotation:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "|" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*parts, current]
 
 
 class ModelConfig:
@@ -42,12 +77,18 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]):
         """Builds the config from a parsed config.json; raises UnsupportedConfigError naming bad fields."""
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        names = set(fields)
         kwargs, unsupported = {}, []
         for key, value in config.items():
             if key.startswith("_") or key in cls.ignored_fields:
                 continue
             if key in names:
+                if isinstance(fields[key], str) and not _matches(value, fields[key]):
+                    raise ConfigTypeError(
+                        f"{cls.class_name or cls.__name__} config field {key}={value!r} has the wrong type; "
+                        f"expected {fields[key]}"
+                    )
                 kwargs[key] = _freeze(value)
             elif key in cls.noop_fields:
                 if _freeze(value) != _freeze(cls.noop_fields[key]):
