@@ -106,6 +106,20 @@ def denoise(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, progres
     return latents.decode(spec.vae, params["vae"], x0)
 
 
+def attention_scores_bytes(unet: Any, batch: int, latent_height: int, latent_width: int) -> int:
+    """Bytes of the largest self-attention score matrix (batch, heads, tokens, tokens) of one UNet evaluation: a
+    lower bound on its peak memory wherever attention is not fused (XLA on CPU and TPU; cuDNN's flash attention
+    on GPU never holds it). ``batch`` counts both guidance branches."""
+    cfg = unet.config
+    itemsize = 4 if cfg.upcast_attention else jnp.dtype(unet.dtype).itemsize
+    sizes = [
+        batch * heads * ((latent_height >> i) * (latent_width >> i)) ** 2 * itemsize
+        for i, (block, heads) in enumerate(zip(cfg.down_block_types, cfg.heads(), strict=True))
+        if block.startswith("CrossAttn")
+    ]
+    return max(sizes, default=0)
+
+
 def compiled_denoise(spec: DenoiseSpec, num_devices: int, progress: bool = False) -> Any:
     """``denoise`` jitted on one device, or pmapped over ``num_devices`` (params replicated, scalars shared,
     inputs with a leading device axis). With ``progress`` a tqdm bar follows the scan."""

@@ -7,6 +7,7 @@ and eta are traced values: changing them reuses the compiled function.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -182,12 +183,14 @@ class StableDiffusion:
         n = inputs["noise"].shape[0]
         devices = jax.local_devices()[: min(jax.local_device_count(), n)]
         d, per_device = len(devices), -(-n // len(devices))
+        _check_memory(spec, devices[0], per_device, inputs["noise"].shape[1:3])
         params = self._replicated_params(devices)
         if d > 1:
             inputs = jax.tree.map(lambda a: parallel.shard(a, d, per_device), inputs)
-        compiled, compile_s = self._compile(spec, devices, progress, (params, scalars, inputs))
-        start = time.perf_counter()
-        images = np.asarray(compiled(params, scalars, inputs), dtype=np.float32)
+        with _out_of_memory_as_error(n, devices[0]):
+            compiled, compile_s = self._compile(spec, devices, progress, (params, scalars, inputs))
+            start = time.perf_counter()
+            images = np.asarray(compiled(params, scalars, inputs), dtype=np.float32)
         images = images.reshape(-1, *images.shape[-3:])[:n]
         self.last_timings = {"compile_s": compile_s, "generate_s": time.perf_counter() - start, "images": n}
         if not np.isfinite(images).all():
@@ -256,6 +259,48 @@ class StableDiffusion:
 
 
 # ----------------------------------------------------------------------------------------------- arguments
+
+
+def device_memory_bytes(device: Any) -> int | None:
+    """Memory of ``device``: the allocator's limit on accelerators, physical RAM on the CPU; None if unknown."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def _check_memory(spec: denoise.DenoiseSpec, device: Any, per_device: int, latent_hw: tuple[int, int]) -> None:
+    """PipelineError, before compiling, when the attention scores alone cannot fit the device (unfused attention
+    only: XLA's; cuDNN flash attention holds no score matrix)."""
+    from sdjax.models.layers import attention_implementation
+
+    if attention_implementation(spec.unet.dtype) is not None:
+        return
+    batch = per_device * (2 if spec.guided else 1)
+    need, have = denoise.attention_scores_bytes(spec.unet, batch, *latent_hw), device_memory_bytes(device)
+    if have is not None and need > have:
+        f = spec.vae.config.downsampling_factor
+        raise PipelineError(
+            f"{per_device} image(s) of {latent_hw[0] * f}x{latent_hw[1] * f} per device need at least "
+            f"{need / 2**30:.1f} GiB for the UNet's attention on {device.platform}, which has {have / 2**30:.1f} "
+            "GiB; use a smaller height/width or fewer images"
+        )
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(n: int, device: Any):
+    """XLA's RESOURCE_EXHAUSTED (compile or run) -> one PipelineError line."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise PipelineError(
+            f"out of memory on {device.platform} generating {n} image(s): use a smaller height/width, fewer "
+            "images, or dtype=bfloat16"
+        ) from e
 
 
 def _finite_number(name: str, value: Any, low: float, high: float = float("inf")) -> None:

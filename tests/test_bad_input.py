@@ -4,6 +4,9 @@ images) gives the right result."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,6 +27,7 @@ GENERATE_CASES = [
     (dict(height=0), "height and width must be multiples of"),
     (dict(height=100000, width=100000), "height and width must be multiples of .* in \\[2, 4096\\]"),
     (dict(height=17), "height and width must be multiples of 2"),
+    (dict(height=4096, width=4096), "need at least .* GiB for the UNet's attention on cpu, which has .* GiB"),
     (dict(height=16.0), "height must be an int"),
     (dict(seed=-1), "seed must be an int in"),
     (dict(seed=2**64), "seed must be an int in"),
@@ -67,6 +71,27 @@ def test_config_values_of_the_wrong_type_name_the_file_and_field(tiny_model, tmp
     assert str(config_file) in str(info.value) and "\n" not in str(info.value)
     assert sample.main(["--model", str(folder), "--out", str(tmp_path / "out"), "--prompt", "a"]) == 2
     assert message.split(";")[0] in capsys.readouterr().err
+
+
+def test_attention_memory_lower_bound_is_the_score_matrix(tiny_pipe):
+    from sdjax import denoise
+
+    unet = tiny_pipe.unet
+    heads, tokens = unet.config.heads()[0], 8 * 8
+    assert denoise.attention_scores_bytes(unet, 2, 8, 8) == 2 * heads * tokens**2 * 4  # first block, float32
+
+
+def test_out_of_memory_at_run_time_is_one_line(tiny_pipe, monkeypatch):
+    from sdjax import pipeline
+
+    class Exhausted:  # what XLA raises when the program does not fit
+        def lower(self, *args):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
+
+    monkeypatch.setattr(pipeline.denoise, "compiled_denoise", lambda *args, **kwargs: Exhausted())
+    fresh = dataclasses.replace(tiny_pipe, _compiled={}, _replicated={})
+    with pytest.raises(PipelineError, match="out of memory on cpu generating 1 image"):
+        fresh.generate(["a"], num_inference_steps=2, progress=True)
 
 
 def test_non_finite_weights_are_named_on_load(tiny_model, tmp_path):
