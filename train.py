@@ -139,9 +139,13 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 if __name__ == "__main__":
     try:  # parse up front: a bad --config.<field> is one line, not absl's traceback
         remaining = flags.FLAGS(sys.argv)
-        _CONFIG.value  # noqa: B018 - loading the config applies the overrides
-    except flags.Error as e:
-        sys.exit(f"train.py: {e}")
+        _CONFIG.value.keys()  # loading the config applies the overrides; a load error surfaces on first use
+    except flags.Error as e:  # ml_collections puts the config file's traceback in the message: keep its last line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        sys.exit(f"train.py: {lines[0]} {lines[-1]}" if len(lines) > 1 else f"train.py: {e}")
+    except OSError as e:  # ml_collections reports a config file it cannot read as an OSError
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        sys.exit(f"train.py: cannot load the --config file: {reason}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         sys.exit(_config_override_error(sys.argv, e))
     app.run(main, flags_parser=lambda argv: remaining)

@@ -160,9 +160,10 @@ class StableDiffusion:
             raise PipelineError("prompts is empty; pass a string or a non-empty list of strings")
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         negative_prompts = _negative_prompts(negative_prompts, len(prompts))
+        height, width = self._image_size(height, width)
+        self._check_host_memory(len(prompts) * num_images_per_prompt, height, width)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negative_prompts = [p for p in negative_prompts for _ in range(num_images_per_prompt)]
-        height, width = self._image_size(height, width)
         img2img = init_image is not None
         plan = _plan(self.schedule, sampler, num_inference_steps, strength if img2img else 1.0, use_karras_sigmas)
         spec = denoise.DenoiseSpec(self.unet, self.vae, plan, guided=guidance_scale > 1.0, img2img=img2img)
@@ -232,6 +233,20 @@ class StableDiffusion:
                 f"[{factor}, {MAX_IMAGE_SIDE}], got {height}x{width}"
             )
         return height, width
+
+    def _check_host_memory(self, n: int, height: int, width: int) -> None:
+        """PipelineError when the inputs and outputs of ``n`` images alone (text embeddings of both branches,
+        latents, float32 images on device and host) exceed the host's memory."""
+        h, w, c = latents_lib.latent_shape(self.vae, height, width)
+        per_image = 4 * (
+            2 * tokenizer.MAX_LENGTH * self.text_encoder.config.hidden_size + 4 * h * w * c + 2 * height * width * 3
+        )
+        have = device_memory_bytes(jax.devices("cpu")[0])
+        if have is not None and n * per_image > have:
+            raise PipelineError(
+                f"{n} images of {height}x{width} need more than the host's {have / 2**30:.1f} GiB for their inputs "
+                f"and outputs alone ({n * per_image / 2**30:.1f} GiB); generate them in smaller batches"
+            )
 
     def _initial_noise(self, latents: Any, keys: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
         n = keys.shape[0]

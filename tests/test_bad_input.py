@@ -32,6 +32,7 @@ GENERATE_CASES = [
     (dict(seed=-1), "seed must be an int in"),
     (dict(seed=2**64), "seed must be an int in"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be an int >= 1"),
+    (dict(num_images_per_prompt=10**9), "1000000000 images of 16x16 need more than the host's .* GiB"),
     (dict(sampler="plms"), "unknown sampler 'plms'"),
     (dict(num_inference_steps=0), "num_steps must be an int in \\[1, 1000\\]"),
     (dict(latents=np.full((1, 8, 8, 4), np.nan, np.float32)), "latents contain NaN or inf"),
@@ -260,6 +261,7 @@ TRAIN_CASES = [
     ({"batch_size": 0}, "batch_size must be an int >= 1"),
     ({"data.source": "/no/such/folder"}, "data.source /no/such/folder does not exist"),
     ({"stage": "lora2"}, "unknown stage 'lora2'"),
+    ({"eval_every": -2}, "eval_every must be an int >= 0"),
 ]
 
 
@@ -304,20 +306,36 @@ def test_resuming_with_another_architecture_names_the_fields(tmp_path):
     checks.check_same_model(longer, tmp_path)  # no error
 
 
-def test_train_cli_names_an_unknown_config_field_in_one_line(tmp_path):
+def test_a_file_as_workdir_is_refused(tmp_path):
+    from sdjax.train import checks, loop
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(checks.TrainConfigError, match="notes.txt is a file; pass a folder"):
+        loop.train_and_evaluate(_tiny_config(), tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+TRAIN_CLI_CASES = [
+    (["--config=configs/shapes64_vae.py:tiny", "--config.optim.lrr=0.1"], "unknown config field 'optim.lrr'.*optim.lr"),
+    (["--config=configs/no_such_config.py"], "cannot load the --config file: .*No such file"),
+    (["--config=configs/shapes64_vae.py:huge"], "unknown config arg 'huge'; accepted: tiny"),
+]
+
+
+@pytest.mark.parametrize("args, message", TRAIN_CLI_CASES, ids=[m[:30] for _, m in TRAIN_CLI_CASES])
+def test_train_cli_config_mistakes_are_one_line(tmp_path, args, message):
+    import re
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "train.py", "--config=configs/shapes64_vae.py:tiny", f"--workdir={tmp_path / 'w'}",
-         "--config.optim.lrr=0.1"],
-        cwd=root, capture_output=True, text=True,
-    )  # fmt: skip
+        [sys.executable, "train.py", f"--workdir={tmp_path / 'w'}", *args], cwd=root, capture_output=True, text=True
+    )
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("train.py: unknown config field 'optim.lrr'") and "optim.lr" in last
+    assert last.startswith("train.py: ") and re.search(message, last), last
     assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
 
 

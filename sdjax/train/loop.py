@@ -85,8 +85,13 @@ def train_and_evaluate(
     workdir = Path(workdir).absolute()
     checks.check_config(config, batches_fn is None)
     checks.check_same_model(config, workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise checks.TrainConfigError(f"workdir {workdir} is a file; pass a folder (new or a run's workdir)")
     created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise checks.TrainConfigError(f"cannot create workdir {workdir}: {e.strerror}") from e
     try:
         return _train(config, workdir, batches_fn, eval_batches_fn)
     except BaseException:
