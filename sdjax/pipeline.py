@@ -88,6 +88,8 @@ class StableDiffusion:
         ``dtype`` passed to :meth:`from_pretrained`)."""
         if dtype not in _SAVE_DTYPES:
             raise PipelineError(f"cannot save weights as {dtype!r}; accepted: {', '.join(_SAVE_DTYPES)}")
+        if Path(path).exists() and not Path(path).is_dir():
+            raise PipelineError(f"{path} is a file; save_pretrained writes a folder")
         folders.write_model_folder(
             Path(path),
             {name: (module, self.params[name]) for name, module in self.modules.items()},
@@ -155,10 +157,10 @@ class StableDiffusion:
         Returns:
           np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) * num_images_per_prompt.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise PipelineError("prompts is empty; pass a string or a non-empty list of strings")
+        prompts = _prompt_list("prompts", prompts)
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
+        if use_karras_sigmas is not None and not isinstance(use_karras_sigmas, bool):
+            raise PipelineError(f"use_karras_sigmas must be True, False or None, got {use_karras_sigmas!r}")
         negative_prompts = _negative_prompts(negative_prompts, len(prompts))
         height, width = self._image_size(height, width)
         self._check_host_memory(len(prompts) * num_images_per_prompt, height, width)
@@ -254,7 +256,8 @@ class StableDiffusion:
             return denoise.initial_noise(keys, shape)
         latents = np.asarray(latents, np.float32)
         if latents.shape != (n, *shape):
-            raise PipelineError(f"latents must have shape {(n, *shape)} (N, H/8, W/8, C), got {latents.shape}")
+            f = self.vae_scale_factor
+            raise PipelineError(f"latents must have shape {(n, *shape)} (N, H/{f}, W/{f}, C), got {latents.shape}")
         if not np.isfinite(latents).all():
             raise PipelineError("latents contain NaN or inf; pass finite standard-normal noise")
         return jnp.asarray(latents)
@@ -337,11 +340,21 @@ def check_generate_args(guidance_scale: Any, eta: Any, strength: Any, seed: Any,
         raise PipelineError(f"num_images_per_prompt must be an int >= 1, got {num_images!r}")
 
 
+def _prompt_list(name: str, prompts: Any) -> list[str]:
+    """A string or a non-empty list of strings -> list; PipelineError otherwise."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts) or not prompts:
+        raise PipelineError(f"{name} must be a string or a non-empty list of strings, got {prompts!r:.80}")
+    return list(prompts)
+
+
 def _negative_prompts(negative_prompts: str | list[str] | None, n: int) -> list[str]:
     if negative_prompts is None:
         return [""] * n
     if isinstance(negative_prompts, str):
         return [negative_prompts] * n
+    negative_prompts = _prompt_list("negative_prompts", negative_prompts)
     if len(negative_prompts) != n:
         raise PipelineError(f"got {len(negative_prompts)} negative prompts for {n} prompts; pass one per prompt")
     return list(negative_prompts)

@@ -32,6 +32,8 @@ GENERATE_CASES = [
     (dict(seed=-1), "seed must be an int in"),
     (dict(seed=2**64), "seed must be an int in"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be an int >= 1"),
+    (dict(negative_prompts=5), "negative_prompts must be a string or a non-empty list of strings, got 5"),
+    (dict(sampler="euler", use_karras_sigmas="yes"), "use_karras_sigmas must be True, False or None"),
     (dict(num_images_per_prompt=10**9), "1000000000 images of 16x16 need more than the host's .* GiB"),
     (dict(sampler="plms"), "unknown sampler 'plms'"),
     (dict(num_inference_steps=0), "num_steps must be an int in \\[1, 1000\\]"),
@@ -72,6 +74,25 @@ def test_config_values_of_the_wrong_type_name_the_file_and_field(tiny_model, tmp
     assert str(config_file) in str(info.value) and "\n" not in str(info.value)
     assert sample.main(["--model", str(folder), "--out", str(tmp_path / "out"), "--prompt", "a"]) == 2
     assert message.split(";")[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompts", [123, [1, 2], [], None])
+def test_prompts_that_are_not_strings_are_one_line(tiny_pipe, prompts):
+    with pytest.raises(PipelineError, match="prompts must be a string or a non-empty list of strings"):
+        tiny_pipe.generate(prompts, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("dtype", ["bogus", "float64", "int8"])
+def test_unsupported_dtypes_are_refused_before_loading(tiny_model, dtype):
+    with pytest.raises(PipelineError, match=f"dtype '{dtype}' is not supported; accepted: float32, bfloat16"):
+        sdjax.StableDiffusion.from_pretrained(tiny_model, dtype=dtype)
+
+
+def test_save_pretrained_refuses_a_file(tiny_pipe, tmp_path):
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(PipelineError, match="is a file; save_pretrained writes a folder"):
+        tiny_pipe.save_pretrained(tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "mine"
 
 
 def test_attention_memory_lower_bound_is_the_score_matrix(tiny_pipe):

@@ -166,7 +166,7 @@ def test_bad_generate_arguments_raise_one_clear_error(reference, kwargs, message
 
 
 def test_empty_prompt_list_is_an_error(reference):
-    with pytest.raises(ValueError, match="prompts is empty"):
+    with pytest.raises(ValueError, match="prompts must be a string or a non-empty list"):
         reference[2].generate([])
 
 

@@ -41,6 +41,7 @@ def load(
 ) -> Components:
     """Loads a diffusers folder, an sdjax workdir (its latest checkpoint's EMA params over ``DIR/model/``) or a
     single-file LDM ``.safetensors`` checkpoint. See ``StableDiffusion.from_pretrained`` for the arguments."""
+    check_dtype(dtype)
     path = Path(path)
     if not path.exists():
         raise PipelineError(
@@ -53,6 +54,19 @@ def load(
     if checkpoint.is_workdir(path):
         return _from_folder(path / checkpoint.MODEL_DIR, dtype, variant, checkpoint.load_trained_params(path))
     return _from_folder(path, dtype, variant)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: Any) -> None:
+    """PipelineError unless ``dtype`` names one of :data:`DTYPES` (a jnp dtype, numpy dtype or string)."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise PipelineError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
 
 
 def _from_single_file(path: Path, dtype: Any, tokenizer_path: Any, prediction_type: str | None) -> Components:
