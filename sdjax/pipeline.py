@@ -243,7 +243,7 @@ class StableDiffusion:
         per_image = 4 * (
             2 * tokenizer.MAX_LENGTH * self.text_encoder.config.hidden_size + 4 * h * w * c + 2 * height * width * 3
         )
-        have = device_memory_bytes(jax.devices("cpu")[0])
+        have = host_memory_bytes()
         if have is not None and n * per_image > have:
             raise PipelineError(
                 f"{n} images of {height}x{width} need more than the host's {have / 2**30:.1f} GiB for their inputs "
@@ -279,14 +279,20 @@ class StableDiffusion:
 # ----------------------------------------------------------------------------------------------- arguments
 
 
+def host_memory_bytes() -> int | None:
+    """Physical RAM of this host; None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def device_memory_bytes(device: Any) -> int | None:
     """Memory of ``device``: the allocator's limit on accelerators, physical RAM on the CPU; None if unknown."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    if device.platform == "cpu" and hasattr(os, "sysconf"):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return None
+    return host_memory_bytes() if device.platform == "cpu" else None
 
 
 def _check_memory(spec: denoise.DenoiseSpec, device: Any, per_device: int, latent_hw: tuple[int, int]) -> None:

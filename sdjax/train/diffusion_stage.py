@@ -27,7 +27,7 @@ from sdjax import checkpoint, images, latents, schedule, tokenizer, weights
 from sdjax.loading import folders
 from sdjax.train import losses
 from sdjax.train.checks import TrainConfigError
-from sdjax.train.stage import Batches, Params, Preview
+from sdjax.train.stage import Batches, Params, Preview, close_batches
 from sdjax.train.steps import LossFn, example_keys, normal
 
 
@@ -99,13 +99,6 @@ class DiffusionStage:
             return images.image_grid(pictures)
 
         return draw
-
-
-def close_batches(batches: Any) -> None:
-    """Closes a batch iterator that can be closed (the tf.data pipeline's prefetch threads outlive an abandoned
-    iterator otherwise)."""
-    if hasattr(batches, "close"):
-        batches.close()
 
 
 @functools.partial(jax.jit, static_argnums=0)

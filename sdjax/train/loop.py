@@ -29,8 +29,7 @@ from sdjax import checkpoint, parallel, tokenizer
 from sdjax.train import checks, monitor, steps
 from sdjax.train import model as model_lib
 from sdjax.train import state as state_lib
-from sdjax.train.diffusion_stage import close_batches
-from sdjax.train.stage import Stage, get_stage
+from sdjax.train.stage import Stage, close_batches, get_stage
 
 Batches = Iterator[dict[str, np.ndarray]]
 BatchesFn = Callable[[int], Batches]

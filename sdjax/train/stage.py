@@ -44,6 +44,13 @@ class Stage(Protocol):
         [-1, 1] from the first training batch."""
 
 
+def close_batches(batches: Any) -> None:
+    """Closes a batch iterator that can be closed (the tf.data pipeline's prefetch threads outlive an abandoned
+    iterator otherwise)."""
+    if hasattr(batches, "close"):
+        batches.close()
+
+
 def get_stage(name: str) -> Stage:
     """The stage called ``name``; TrainConfigError listing the stages otherwise."""
     from sdjax.train.diffusion_stage import DiffusionStage
