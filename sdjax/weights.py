@@ -35,6 +35,7 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "UNet2DConditionModel": ("sdjax.models.unet", "diffusers"),
     "AutoencoderKL": ("sdjax.models.vae", "diffusers"),
     "CLIPTextModel": ("sdjax.models.clip", "transformers"),
+    "CLIPTextModelWithProjection": ("sdjax.models.clip", "transformers"),
 }
 DIFFUSERS_VERSION = "0.42.1"  # written into exported configs: the diffusers release sdjax is tested against
 WEIGHTS_NAME = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}

@@ -16,7 +16,8 @@ CASES = [
     pytest.param(model.name, component, id=f"{model.name}-{component}")
     for model in sorted(FIXTURES.iterdir())
     if model.is_dir()
-    for component in ("unet", "vae", "text_encoder")
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2")
+    if (model / component).is_dir()  # the SDXL refiner has text_encoder_2 only
 ]
 
 
@@ -26,8 +27,8 @@ def _torch_count(folder) -> int:
 
     class_name, config = weights.read_component_config(folder)
     with torch.device("meta"):
-        if class_name == "CLIPTextModel":
-            model = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config))
+        if class_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            model = getattr(transformers, class_name)(transformers.CLIPTextConfig.from_dict(config))
         else:
             model = getattr(diffusers, class_name).from_config(config)
     # transformers registers position_ids as a buffer, not a parameter: parameters are what both count.

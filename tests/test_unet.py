@@ -1,4 +1,4 @@
-"""UNet2DConditionModel: numerical parity with diffusers' PyTorch model on tiny SD1- and SD2-style configs."""
+"""UNet2DConditionModel: numerical parity with diffusers' PyTorch model on tiny SD1-, SD2- and SDXL-style configs."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,10 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from sdjax import weights
-from sdjax.models.config import UnsupportedConfigError
+from sdjax.models.config import ConfigTypeError, UnsupportedConfigError
 from sdjax.models.unet import FeedForward, UNet2DConditionConfig, UNet2DConditionModel, get_timestep_embedding
+from tests.published import published_config
+from tests.reference import perturb_
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -71,28 +73,48 @@ SD15 = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 
-SDXL_LIKE = {
-    **SD15,
+# SDXL's shape in miniature: no attention in the first block, per-block heads and transformer depths (SDXL base:
+# [1, 2, 10]), linear projections, "text_time" added conditioning from a pooled embedding and 6 size/crop ids.
+TIME_DIM, POOLED = 8, 12
+TINY_XL = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "transformer_layers_per_block": [1, 2, 10],
+    "block_out_channels": [16, 32, 32],
+    "layers_per_block": 2,
+    "attention_head_dim": [1, 2, 4],
+    "cross_attention_dim": 24,
+    "norm_num_groups": 8,
     "use_linear_projection": True,
+    "transformer_layers_per_block": [1, 1, 2],
     "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
+    "addition_time_embed_dim": TIME_DIM,
+    "projection_class_embeddings_input_dim": POOLED + 6 * TIME_DIM,
+}
+# The refiner's shape: attention in the middle blocks only, one int depth, 5 ids (size, crop, aesthetic score);
+# here also conv projections, to cover them with text_time.
+TINY_XL_REFINER = {
+    **TINY_XL,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": False,
+    "transformer_layers_per_block": 2,
+    "projection_class_embeddings_input_dim": POOLED + 5 * TIME_DIM,
+}
+# diffusers' asymmetric form: a depth per layer, and the up blocks' depths given separately (up-block order, one
+# more layer each). The mid block takes the last down block's first depth (2).
+TINY_XL_NESTED = {
+    **TINY_XL,
+    "transformer_layers_per_block": [[1, 1], [1, 2], [2, 1]],
+    "reverse_transformer_layers_per_block": [[2, 1, 1], [1, 3, 1], [1, 1, 1]],
 }
 
 
 def _torch_unet_folder(config: dict, folder, seed: int = 0) -> TorchUNet:
     torch.manual_seed(seed)
-    model = TorchUNet(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_(TorchUNet(**{k: v for k, v in config.items() if not k.startswith("_")}), seed)
     model.save_pretrained(folder, safe_serialization=True)
     return model
 
@@ -109,6 +131,28 @@ def _torch_forward(model: TorchUNet, sample, timesteps, context) -> np.ndarray:
     with torch.no_grad():
         out = model(
             torch.from_numpy(sample).permute(0, 3, 1, 2), torch.from_numpy(timesteps), torch.from_numpy(context)
+        ).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def _added_conditions(config: dict, batch: int = 2, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(text_embeds (B, pooled), time_ids (B, N)) as SDXL pipelines build them: sizes and crops in pixels."""
+    num_ids = (config["projection_class_embeddings_input_dim"] - POOLED) // config["addition_time_embed_dim"]
+    # original size, crop top-left, then target size (base, 6 ids) or aesthetic score (refiner, 5 ids)
+    rows = [([1024, 1024, 0, 0], [1024, 1024], [6.0]), ([512, 768, 16, 48], [640, 896], [2.5])]
+    time_ids = np.array([size_crop + (target if num_ids == 6 else score) for size_crop, target, score in rows])
+    text_embeds = np.random.default_rng(seed).standard_normal((batch, POOLED), dtype=np.float32)
+    return text_embeds, time_ids[:batch].astype(np.float32)
+
+
+def _torch_forward_xl(model: TorchUNet, sample, timesteps, context, text_embeds, time_ids) -> np.ndarray:
+    added = {"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}
+    with torch.no_grad():
+        out = model(
+            torch.from_numpy(sample).permute(0, 3, 1, 2),
+            torch.from_numpy(timesteps),
+            torch.from_numpy(context),
+            added_cond_kwargs=added,
         ).sample
     return out.permute(0, 2, 3, 1).numpy()
 
@@ -213,11 +257,111 @@ def test_parameter_names_and_shapes_match_diffusers_state_dict(sd1_folder):
     assert {k: v.shape for k, v in exported.items()} == expected
 
 
-def test_sdxl_config_is_rejected_naming_fields():
-    with pytest.raises(UnsupportedConfigError) as error:
-        UNet2DConditionConfig.from_dict(SDXL_LIKE)
-    for field in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
-        assert field in str(error.value)
+@pytest.mark.parametrize(
+    "config",
+    [TINY_XL, TINY_XL_REFINER, TINY_XL_NESTED],
+    ids=["sdxl_per_block_depths", "refiner_int_depth_conv_proj", "nested_reverse_depths"],
+)
+def test_sdxl_text_time_matches_diffusers(config, tmp_path):
+    reference_model = _torch_unet_folder(config, tmp_path)
+    unet, params = weights.load_component(tmp_path)
+    sample, timesteps, context = _inputs(config)
+    text_embeds, time_ids = _added_conditions(config)
+    reference = _torch_forward_xl(reference_model, sample, timesteps, context, text_embeds, time_ids)
+    ours = jax.jit(unet.apply)(
+        {"params": params}, sample, timesteps, context, text_embeds=text_embeds, time_ids=time_ids
+    )
+    error = _relative_error(ours, reference)
+    print(f"SDXL UNet parity {config['transformer_layers_per_block']}: max rel error {error:.2e}")
+    assert ours.shape == reference.shape
+    assert error <= 1e-4
+
+
+def test_nested_depths_build_diffusers_transformer_stacks(tmp_path):
+    """Per-layer depths down, the mid block from the last down block's first layer, up blocks from the reverse
+    list: the same parameter names and shapes as diffusers' state dict."""
+    reference_model = TorchUNet(**TINY_XL_NESTED)
+    unet = UNet2DConditionModel(UNet2DConditionConfig.from_dict(TINY_XL_NESTED))
+    exported = weights.flax_to_torch(jax.tree.map(lambda x: np.zeros(x.shape), weights.param_shapes(unet)))
+    assert {k: v.shape for k, v in exported.items()} == {
+        k: tuple(v.shape) for k, v in reference_model.state_dict().items()
+    }
+    assert "up_blocks.1.attentions.1.transformer_blocks.2.attn1.to_q.weight" in exported
+    assert "mid_block.attentions.0.transformer_blocks.1.attn1.to_q.weight" in exported
+    assert "mid_block.attentions.0.transformer_blocks.2.attn1.to_q.weight" not in exported
+
+
+def test_text_time_conditioning_changes_the_prediction(tmp_path):
+    """Different size/crop ids for the same noise, timestep and text give a different prediction."""
+    config = {**TINY_XL, "block_out_channels": [16, 16, 16], "transformer_layers_per_block": 1}
+    unet = UNet2DConditionModel(UNet2DConditionConfig.from_dict(config))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: 0.2 * rng.standard_normal(x.shape, np.float32), weights.param_shapes(unet))
+    sample, timesteps, context = _inputs(config, batch=1)
+    text_embeds, time_ids = _added_conditions(config, batch=1)
+    apply = jax.jit(unet.apply)
+    a = apply({"params": params}, sample, timesteps, context, text_embeds=text_embeds, time_ids=time_ids)
+    b = apply({"params": params}, sample, timesteps, context, text_embeds=text_embeds, time_ids=time_ids / 2)
+    assert _relative_error(a, np.asarray(b)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "config, kwargs, message",
+    [
+        (TINY_XL, {}, r"needs text_embeds \(batch=2, P\) and time_ids \(batch=2, N\) with P \+ N \* 8 = 60.*neither"),
+        (TINY_XL, {"text_embeds": np.zeros((2, POOLED))}, "got only text_embeds"),
+        (TINY_XL, {"text_embeds": np.zeros((2, POOLED)), "time_ids": np.zeros((2, 5))}, r"time_ids \(2, 5\)"),
+        (TINY_XL, {"text_embeds": np.zeros((1, POOLED)), "time_ids": np.zeros((1, 6))}, r"text_embeds \(1, 12\)"),
+        (TINY_SD1, {"text_embeds": np.zeros((2, POOLED))}, "only addition_embed_type='text_time'"),
+    ],
+    ids=["missing_both", "missing_time_ids", "wrong_width", "wrong_batch", "given_to_sd_unet"],
+)
+def test_added_conditions_are_checked_with_one_clear_error(config, kwargs, message):
+    unet = UNet2DConditionModel(UNet2DConditionConfig.from_dict(config))
+    sample, timesteps, context = _inputs(config)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(unet.init, jax.random.key(0), sample, timesteps, context, **kwargs)
+
+
+def test_nested_depths_without_reverse_list_are_rejected_as_in_diffusers():
+    config = {**TINY_XL_NESTED, "reverse_transformer_layers_per_block": None}
+    with pytest.raises(ValueError, match="give reverse_transformer_layers_per_block too"):
+        UNet2DConditionConfig.from_dict(config)
+
+
+def test_per_layer_depths_shorter_than_the_block_are_rejected():
+    config = {**TINY_XL_NESTED, "reverse_transformer_layers_per_block": [[2, 1], [1, 3, 1], [1, 1, 1]]}
+    with pytest.raises(
+        ValueError, match=r"reverse_transformer_layers_per_block\[0\]=\[2, 1\] has 2 depths .* 3 layers"
+    ):
+        UNet2DConditionConfig.from_dict(config)
+
+
+def test_nested_depth_of_the_wrong_type_names_the_field():
+    with pytest.raises(ConfigTypeError, match="transformer_layers_per_block"):
+        UNet2DConditionConfig.from_dict({**TINY_XL_NESTED, "transformer_layers_per_block": [[1, "2"], 1, 1]})
+
+
+def test_text_time_needs_its_dimensions():
+    config = {k: v for k, v in TINY_XL.items() if k != "addition_time_embed_dim"}
+    with pytest.raises(ValueError, match="addition_time_embed_dim and projection_class_embeddings_input_dim"):
+        UNet2DConditionConfig.from_dict(config)
+
+
+def test_other_addition_embed_types_are_rejected_naming_the_field():
+    with pytest.raises(UnsupportedConfigError, match="addition_embed_type='text_image'"):
+        UNet2DConditionConfig.from_dict({**TINY_XL, "addition_embed_type": "text_image"})
+
+
+def test_sdxl_base_parameter_count_is_diffusers():
+    unet = UNet2DConditionModel(UNet2DConditionConfig.from_dict(published_config("sdxl_base", "unet")))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(weights.param_shapes(unet))) == 2_567_463_684
+
+
+def test_nested_config_round_trips_through_dict():
+    config = UNet2DConditionConfig.from_dict(TINY_XL_NESTED)
+    assert UNet2DConditionConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["transformer_layers_per_block"] == [[1, 1], [1, 2], [2, 1]]
 
 
 def test_unknown_block_type_is_rejected():
@@ -259,7 +403,22 @@ def test_bfloat16_compute_stays_close_to_float32(sd1_folder):
     assert error <= 5e-2
 
 
-def test_remat_gives_same_gradients():
+_TEXT_TIME = {k: TINY_XL[k] for k in ("addition_embed_type", "addition_time_embed_dim")}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {
+            **_TEXT_TIME,
+            "projection_class_embeddings_input_dim": POOLED + 6 * TIME_DIM,
+            "transformer_layers_per_block": [2],
+        },
+    ],
+    ids=["sd", "sdxl_text_time"],
+)
+def test_remat_gives_same_gradients(extra):
     # One resolution level keeps the two backward-pass compilations short.
     config = {
         **TINY_SD1,
@@ -267,19 +426,22 @@ def test_remat_gives_same_gradients():
         "up_block_types": ["CrossAttnUpBlock2D"],
         "block_out_channels": [16],
         "layers_per_block": 1,
+        **extra,
     }
     unet = UNet2DConditionModel(UNet2DConditionConfig.from_dict(config))
     sample, timesteps, context = _inputs(config, batch=1, size=8)
+    added = dict(zip(("text_embeds", "time_ids"), _added_conditions(config, batch=1), strict=True)) if extra else {}
     rng = np.random.default_rng(0)
     # Random values for every parameter without compiling `init`.
     params = jax.tree.map(lambda x: 0.2 * rng.standard_normal(x.shape, np.float32), weights.param_shapes(unet))
 
     def grads(module):
-        loss = lambda p: jnp.mean(module.apply({"params": p}, sample, timesteps, context) ** 2)
+        loss = lambda p: jnp.mean(module.apply({"params": p}, sample, timesteps, context, **added) ** 2)
         return jax.jit(jax.grad(loss))(params)
 
     plain, remat = grads(unet), grads(unet.clone(remat=True))
     assert jax.tree.structure(plain) == jax.tree.structure(remat)
+    assert ("add_embedding" in plain) == bool(extra)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 

@@ -1,9 +1,11 @@
-"""CLIPTextModel: the Stable Diffusion text encoder (Radford et al. 2021, "Learning Transferable Visual Models
-From Natural Language Supervision", Sec. 2.4), numerically matching transformers 5's ``CLIPTextModel``.
+"""CLIPTextModel and CLIPTextModelWithProjection: the Stable Diffusion text encoders (Radford et al. 2021,
+"Learning Transferable Visual Models From Natural Language Supervision", Sec. 2.4), numerically matching
+transformers 5's classes of the same names.
 
 A causal pre-LayerNorm transformer over token ids (B, T) -> hidden states (B, T, hidden_size). The module tree
 mirrors transformers 5 (``embeddings``, ``encoder.layers_N``, ``final_layer_norm``); checkpoints written by
-transformers 4 / Stable Diffusion add a ``text_model.`` prefix, stripped on load.
+transformers 4 / Stable Diffusion add a ``text_model.`` prefix, stripped on load. The projection variant (SDXL's
+second text encoder, the refiner's only one) adds ``text_projection``, a bias-free Dense on the pooled EOS state.
 """
 
 from __future__ import annotations
@@ -58,12 +60,29 @@ class CLIPTextConfig(ModelConfig):
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
             raise UnsupportedConfigError(
-                f"CLIPTextModel hidden_act={self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+                f"{self.class_name} hidden_act={self.hidden_act!r} is not supported; "
+                f"supported: {', '.join(ACTIVATIONS)}"
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"CLIPTextModel hidden_size={self.hidden_size} must be divisible by "
+                f"{self.class_name} hidden_size={self.hidden_size} must be divisible by "
                 f"num_attention_heads={self.num_attention_heads}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextModelWithProjectionConfig(CLIPTextConfig):
+    """The same transformers ``CLIPTextConfig``, read for ``CLIPTextModelWithProjection`` (written back under that
+    architecture name); ``projection_dim`` is the width of ``text_embeds`` and must be set."""
+
+    class_name: ClassVar[str] = "CLIPTextModelWithProjection"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
+            raise ValueError(
+                f"{self.class_name} projection_dim={self.projection_dim!r}: expected a positive int, the width of "
+                "text_embeds"
             )
 
 
@@ -145,45 +164,27 @@ class CLIPEncoder(nn.Module):
         return tuple(hidden_states)
 
 
-class CLIPTextModel(nn.Module):
-    """CLIP text encoder. Usage::
-
-    last_hidden_state = text_encoder.apply({"params": p}, input_ids)             # (B, 77) int32 -> (B, 77, D)
-    last, hidden_states = text_encoder.apply({"params": p}, input_ids, output_hidden_states=True)
-    # clip skip k (diffusers): text_encoder.apply({"params": p}, hidden_states[-(k + 1)],
-    #                                             method=text_encoder.apply_final_layer_norm)
-    """
+class _CLIPTextTransformer(nn.Module):
+    """The body both text models share (transformers' ``CLIPTextTransformer``): embeddings, encoder,
+    final_layer_norm, and the helpers that work on their outputs."""
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
 
-    config_class: ClassVar[type] = CLIPTextConfig
     torch_ignored_keys: ClassVar[tuple[str, ...]] = (r"(text_model\.)?embeddings\.position_ids",)
     # Stable Diffusion checkpoints (transformers 4 layout) nest everything under text_model.
     torch_key_renames: ClassVar[tuple[tuple[str, str], ...]] = ((r"^text_model\.", ""),)
-    # Written back with the prefix: transformers 4 needs it and transformers 5 strips it on load.
-    torch_export_renames: ClassVar[tuple[tuple[str, str], ...]] = ((r"^", "text_model."),)
 
     def setup(self):
         self.embeddings = CLIPTextEmbeddings(self.config, self.dtype)
         self.encoder = CLIPEncoder(self.config, self.dtype)
         self.final_layer_norm = _layer_norm(self.config, self.dtype, "final_layer_norm")
 
-    def __call__(
-        self, input_ids: jax.Array, output_hidden_states: bool = False
-    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Token ids (B, T) integer, T <= max_position_embeddings -> last_hidden_state (B, T, hidden_size) in the
-        compute dtype, after final_layer_norm. Padding after EOS needs no mask: attention is causal.
-
-        With ``output_hidden_states`` also returns, as transformers, the num_hidden_layers + 1 hidden states
-        (embeddings output, then each layer's output; none of them final-layer-normed).
-        """
+    def _encode(self, input_ids: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """ids (B, T) -> (last_hidden_state (B, T, D) final-layer-normed, num_hidden_layers + 1 hidden states)."""
         _check_input_ids(input_ids, self.config.max_position_embeddings)
         hidden_states = self.encoder(self.embeddings(input_ids))
-        last_hidden_state = self.final_layer_norm(hidden_states[-1])
-        if output_hidden_states:
-            return last_hidden_state, hidden_states
-        return last_hidden_state
+        return self.final_layer_norm(hidden_states[-1]), hidden_states
 
     def pooled_output(self, last_hidden_state: jax.Array, input_ids: jax.Array) -> jax.Array:
         """The hidden state at each sequence's end token, (B, T, D) -> (B, D): transformers' ``pooler_output``
@@ -199,6 +200,68 @@ class CLIPTextModel(nn.Module):
     def dummy_inputs(self) -> tuple[jax.Array]:
         """One token of one sequence, (1, 1) int32: enough to create every parameter."""
         return (jnp.zeros((1, 1), jnp.int32),)
+
+
+class CLIPTextModel(_CLIPTextTransformer):
+    """CLIP text encoder. Usage::
+
+    last_hidden_state = text_encoder.apply({"params": p}, input_ids)             # (B, 77) int32 -> (B, 77, D)
+    last, hidden_states = text_encoder.apply({"params": p}, input_ids, output_hidden_states=True)
+    # clip skip k (diffusers): text_encoder.apply({"params": p}, hidden_states[-(k + 1)],
+    #                                             method=text_encoder.apply_final_layer_norm)
+    """
+
+    config_class: ClassVar[type] = CLIPTextConfig
+    # Written back with the prefix: transformers 4 needs it and transformers 5 strips it on load.
+    torch_export_renames: ClassVar[tuple[tuple[str, str], ...]] = ((r"^", "text_model."),)
+
+    def __call__(
+        self, input_ids: jax.Array, output_hidden_states: bool = False
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Token ids (B, T) integer, T <= max_position_embeddings -> last_hidden_state (B, T, hidden_size) in the
+        compute dtype, after final_layer_norm. Padding after EOS needs no mask: attention is causal.
+
+        With ``output_hidden_states`` also returns, as transformers, the num_hidden_layers + 1 hidden states
+        (embeddings output, then each layer's output; none of them final-layer-normed).
+        """
+        last_hidden_state, hidden_states = self._encode(input_ids)
+        if output_hidden_states:
+            return last_hidden_state, hidden_states
+        return last_hidden_state
+
+
+class CLIPTextModelWithProjection(_CLIPTextTransformer):
+    """CLIP text encoder with the text projection (transformers ``CLIPTextModelWithProjection``; SDXL's
+    ``text_encoder_2`` and the refiner's text encoder). Usage::
+
+    text_embeds, last = text_encoder.apply({"params": p}, input_ids)       # (B, projection_dim), (B, T, D)
+    text_embeds, last, hidden_states = text_encoder.apply({"params": p}, input_ids, output_hidden_states=True)
+    # SDXL's prompt embedding is hidden_states[-2] (penultimate layer, not final-layer-normed).
+    """
+
+    config: CLIPTextModelWithProjectionConfig
+
+    config_class: ClassVar[type] = CLIPTextModelWithProjectionConfig
+    # text_model.* as transformers writes it; text_projection sits beside text_model, not in it.
+    torch_export_renames: ClassVar[tuple[tuple[str, str], ...]] = ((r"^(?!text_projection\.)", "text_model."),)
+
+    def setup(self):
+        super().setup()
+        self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
+
+    def __call__(
+        self, input_ids: jax.Array, output_hidden_states: bool = False
+    ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+        """Token ids (B, T) integer -> (text_embeds (B, projection_dim), last_hidden_state (B, T, hidden_size)),
+        both in the compute dtype. ``text_embeds`` is text_projection of :meth:`pooled_output`.
+
+        With ``output_hidden_states`` also returns the num_hidden_layers + 1 hidden states, as ``CLIPTextModel``.
+        """
+        last_hidden_state, hidden_states = self._encode(input_ids)
+        text_embeds = self.text_projection(self.pooled_output(last_hidden_state, input_ids))
+        if output_hidden_states:
+            return text_embeds, last_hidden_state, hidden_states
+        return text_embeds, last_hidden_state
 
 
 def eos_positions(config: CLIPTextConfig, input_ids: jax.Array) -> jax.Array:

@@ -33,12 +33,13 @@ _SCALARS = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
 def _matches(value: Any, annotation: str) -> bool:
     """Whether a config.json value fits a field annotated ``annotation`` (a union of None, int, float, bool,
-    str and tuple[<scalar>, ...]); lists count as tuples, bools are not numbers."""
-    for option in (o.strip() for o in _split_union(annotation)):
+    str and ``tuple[<annotation>, ...]``, nested to any depth, e.g. ``int | tuple[int | tuple[int, ...], ...]``);
+    lists count as tuples, bools are not numbers."""
+    for option in (o.strip() for o in _split_top_level(annotation, "|")):
         if option == "None" and value is None:
             return True
         if option.startswith("tuple["):
-            element = option[len("tuple[") : -1].split(",")[0].strip()
+            element = _split_top_level(option[len("tuple[") : -1], ",")[0].strip()
             if isinstance(value, (list, tuple)) and all(_matches(v, element) for v in value):
                 return True
         elif option in _SCALARS and isinstance(value, _SCALARS[option]):
@@ -47,11 +48,13 @@ def _matches(value: Any, annotation: str) -> bool:
     return False
 
 
-def _split_union(annotation: str) -> list[str]:
+def _split_top_level(annotation: str, separator: str) -> list[str]:
+    """``annotation`` split at ``separator`` outside brackets: "int | tuple[int | None, ...]" at "|" ->
+    ["int ", " tuple[int | None, ...]"]."""
     parts, depth, current = [], 0, ""
     for ch in annotation:
         depth += (ch == "[") - (ch == "]")
-        if ch == "|" and depth == 0:
+        if ch == separator and depth == 0:
             parts.append(current)
             current = ""
         else:

@@ -1,9 +1,12 @@
-"""The Stable Diffusion 1.x / 2.x noise-prediction UNet (diffusers ``UNet2DConditionModel``), NHWC.
+"""The Stable Diffusion 1.x / 2.x / XL noise-prediction UNet (diffusers ``UNet2DConditionModel``), NHWC.
 
 A UNet over latents with a sinusoidal timestep embedding added in every ResNet block and text conditioning
 through cross-attention in Transformer2DModel blocks (Rombach et al. 2022, "High-Resolution Image Synthesis
-with Latent Diffusion Models"). Submodule names mirror diffusers' attribute paths (``down_blocks_0``,
-``resnets_1``, ``attentions_0``, ``transformer_blocks_0``, ``ff/net_0/proj`` ...) so weights convert by renaming.
+with Latent Diffusion Models"). SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for
+High-Resolution Image Synthesis", Sec. 2.2) adds "text_time" conditioning: the pooled text embedding and the
+sinusoidally embedded size/crop (/aesthetic score) ids go through one more MLP into the time embedding.
+Submodule names mirror diffusers' attribute paths (``down_blocks_0``, ``resnets_1``, ``attentions_0``,
+``transformer_blocks_0``, ``ff/net_0/proj``, ``add_embedding/linear_1`` ...) so weights convert by renaming.
 """
 
 from __future__ import annotations
@@ -25,14 +28,21 @@ Dtype = jnp.dtype
 _DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+_ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 @dataclasses.dataclass(frozen=True)
 class UNet2DConditionConfig(ModelConfig):
-    """diffusers ``UNet2DConditionModel`` config (SD 1.x / 2.x subset); defaults are diffusers' defaults.
+    """diffusers ``UNet2DConditionModel`` config (SD 1.x / 2.x / XL subset); defaults are diffusers' defaults.
 
     As in diffusers, ``attention_head_dim`` is really the number of heads per block unless
     ``num_attention_heads`` is given (a historical misnaming); each head has ``channels // heads`` dims.
+
+    ``transformer_layers_per_block`` (BasicTransformerBlocks per Transformer2DModel) is an int, one int per
+    down block, or per down block a list with one depth per layer; the nested form needs
+    ``reverse_transformer_layers_per_block`` (one int or list per up block, in up-block order), as diffusers.
+    ``addition_embed_type="text_time"`` (SDXL) adds ``add_embedding`` from ``projection_class_embeddings_input_dim``
+    = pooled text width + number of time ids * ``addition_time_embed_dim``.
     """
 
     sample_size: int | tuple[int, int] | None = None
@@ -55,11 +65,15 @@ class UNet2DConditionConfig(ModelConfig):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int | tuple[int, ...] = 1280
-    transformer_layers_per_block: int | tuple[int, ...] = 1
+    transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+    reverse_transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | None = None
     attention_head_dim: int | tuple[int, ...] = 8
     num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # SDXL publishes null: off, as diffusers reads it
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     class_name: ClassVar[str] = "UNet2DConditionModel"
     noop_fields: ClassVar[dict[str, Any]] = {
@@ -67,13 +81,10 @@ class UNet2DConditionConfig(ModelConfig):
         "mid_block_scale_factor": 1.0,
         "dropout": 0.0,
         "act_fn": "silu",
-        "reverse_transformer_layers_per_block": None,
         "encoder_hid_dim": None,
         "encoder_hid_dim_type": None,
         "dual_cross_attention": False,
         "class_embed_type": None,
-        "addition_embed_type": None,
-        "addition_time_embed_dim": None,
         "num_class_embeds": None,
         "resnet_time_scale_shift": "default",
         "resnet_skip_time_act": False,
@@ -85,7 +96,6 @@ class UNet2DConditionConfig(ModelConfig):
         "time_cond_proj_dim": None,
         "conv_in_kernel": 3,
         "conv_out_kernel": 3,
-        "projection_class_embeddings_input_dim": None,
         "attention_type": "default",
         "class_embeddings_concat": False,
         "mid_block_only_cross_attention": None,
@@ -96,18 +106,17 @@ class UNet2DConditionConfig(ModelConfig):
     def __post_init__(self):
         n = len(self.block_out_channels)
         unsupported = [
-            f"{name}={value!r} (supported: {', '.join(allowed)})"
+            f"{name}={value!r} (supported: {', '.join(map(str, allowed))})"
             for name, values, allowed in (
                 ("down_block_types", self.down_block_types, _DOWN_BLOCK_TYPES),
                 ("up_block_types", self.up_block_types, _UP_BLOCK_TYPES),
                 ("mid_block_type", (self.mid_block_type,), _MID_BLOCK_TYPES),
                 ("downsample_padding", (self.downsample_padding,), (0, 1)),
+                ("addition_embed_type", (self.addition_embed_type,), _ADDITION_EMBED_TYPES),
             )
             for value in values
             if value not in allowed
         ]
-        if any(not isinstance(d, int) for d in self._per_block(self.transformer_layers_per_block)):
-            unsupported.append(f"transformer_layers_per_block={self.transformer_layers_per_block!r} (ints only)")
         if unsupported:
             raise UnsupportedConfigError(f"{self.class_name} config not supported: {'; '.join(unsupported)}")
         for name in (
@@ -116,6 +125,7 @@ class UNet2DConditionConfig(ModelConfig):
             "layers_per_block",
             "cross_attention_dim",
             "transformer_layers_per_block",
+            "reverse_transformer_layers_per_block",
             "attention_head_dim",
             "num_attention_heads",
         ):
@@ -125,6 +135,42 @@ class UNet2DConditionConfig(ModelConfig):
                     f"{self.class_name} config: {name} has {len(value)} entries but block_out_channels has {n}; "
                     "give one entry per block or a single int"
                 )
+        self._check_transformer_depths()
+        self._check_text_time()
+
+    def _check_transformer_depths(self) -> None:
+        nested = any(isinstance(d, tuple) for d in self._per_block(self.transformer_layers_per_block))
+        if nested and self.reverse_transformer_layers_per_block is None:
+            raise ValueError(
+                f"{self.class_name} config: transformer_layers_per_block={self.transformer_layers_per_block!r} "
+                "has per-layer lists; give reverse_transformer_layers_per_block too (one entry per up block), "
+                "as diffusers requires for an asymmetric UNet"
+            )
+        checks = [("transformer_layers_per_block", self._per_block(self.transformer_layers_per_block), self.layers())]
+        if self.reverse_transformer_layers_per_block is not None:
+            up_layers = tuple(layers + 1 for layers in reversed(self.layers()))
+            checks.append(
+                ("reverse_transformer_layers_per_block", self.reverse_transformer_layers_per_block, up_layers)
+            )
+        for name, entries, block_layers in checks:
+            for i, (depths, layers) in enumerate(zip(entries, block_layers, strict=True)):
+                if isinstance(depths, tuple) and len(depths) < layers:
+                    raise ValueError(
+                        f"{self.class_name} config: {name}[{i}]={list(depths)!r} has {len(depths)} depths for a "
+                        f"block of {layers} layers; give at least one per layer"
+                    )
+
+    def _check_text_time(self) -> None:
+        if self.addition_embed_type != "text_time":
+            return
+        time_dim, input_dim = self.addition_time_embed_dim, self.projection_class_embeddings_input_dim
+        if not isinstance(time_dim, int) or not isinstance(input_dim, int) or not 0 < time_dim < input_dim:
+            raise ValueError(
+                f"{self.class_name} config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim (pooled text width + time ids * addition_time_embed_dim) "
+                f"with 0 < addition_time_embed_dim < projection_class_embeddings_input_dim; got {time_dim!r} and "
+                f"{input_dim!r}"
+            )
 
     def _per_block(self, value: Any) -> tuple:
         return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
@@ -137,9 +183,28 @@ class UNet2DConditionConfig(ModelConfig):
         """ResNet layers per down block (up blocks have one more)."""
         return self._per_block(self.layers_per_block)
 
-    def transformer_depths(self) -> tuple[int, ...]:
-        """BasicTransformerBlocks per Transformer2DModel, per down block."""
-        return self._per_block(self.transformer_layers_per_block)
+    def down_transformer_depths(self, block: int) -> tuple[int, ...]:
+        """BasicTransformerBlocks of each layer's Transformer2DModel in down block ``block``."""
+        depths = self._per_block(self.transformer_layers_per_block)[block]
+        layers = self.layers()[block]
+        return depths[:layers] if isinstance(depths, tuple) else (depths,) * layers
+
+    def mid_transformer_depth(self) -> int:
+        """BasicTransformerBlocks in the mid block: the last down block's depth (its first layer's, if per layer),
+        as diffusers picks it."""
+        depths = self._per_block(self.transformer_layers_per_block)[-1]
+        return depths[0] if isinstance(depths, tuple) else depths
+
+    def up_transformer_depths(self, up_block: int) -> tuple[int, ...]:
+        """BasicTransformerBlocks of each layer's Transformer2DModel in up block ``up_block`` (up-block order):
+        ``reverse_transformer_layers_per_block[up_block]`` when given, else the mirrored down block's depth."""
+        block = len(self.block_out_channels) - 1 - up_block  # the down block at the same resolution
+        layers = self.layers()[block] + 1
+        if self.reverse_transformer_layers_per_block is not None:
+            depths = self.reverse_transformer_layers_per_block[up_block]
+        else:
+            depths = self._per_block(self.transformer_layers_per_block)[block]
+        return depths[:layers] if isinstance(depths, tuple) else (depths,) * layers
 
     def cross_attention_dims(self) -> tuple[int, ...]:
         """Context feature size expected by each down block's cross-attention."""
@@ -280,8 +345,8 @@ class Transformer2DModel(nn.Module):
 
 
 class DownBlock2D(nn.Module):
-    """diffusers ``DownBlock2D``, or ``CrossAttnDownBlock2D`` when ``attention`` is set: ``num_layers`` x
-    (ResNet [+ Transformer2DModel]) then an optional stride-2 downsampler.
+    """diffusers ``DownBlock2D``, or ``CrossAttnDownBlock2D`` when ``attentions`` (one spec per layer) is set:
+    ``num_layers`` x (ResNet [+ Transformer2DModel]) then an optional stride-2 downsampler.
 
     (B, H, W, Cin) -> ((B, H', W', out_channels), skips) where skips holds every layer's output (and the
     downsampled one), in order, for the up path.
@@ -289,7 +354,7 @@ class DownBlock2D(nn.Module):
 
     out_channels: int
     num_layers: int
-    attention: TransformerSpec | None = None
+    attentions: tuple[TransformerSpec, ...] = ()
     add_downsample: bool = True
     downsample_padding: int = 1
     groups: int = 32
@@ -303,9 +368,9 @@ class DownBlock2D(nn.Module):
         skips = []
         for i in range(self.num_layers):
             x = resnet(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
-            if self.attention is not None:
+            if self.attentions:
                 x = Transformer2DModel(
-                    self.attention, self.groups, self.remat, dtype=self.dtype, name=f"attentions_{i}"
+                    self.attentions[i], self.groups, self.remat, dtype=self.dtype, name=f"attentions_{i}"
                 )(x, context)
             skips.append(x)
         if self.add_downsample:
@@ -320,15 +385,15 @@ class DownBlock2D(nn.Module):
 
 
 class UpBlock2D(nn.Module):
-    """diffusers ``UpBlock2D``, or ``CrossAttnUpBlock2D`` when ``attention`` is set: ``num_layers`` x
-    (concat the last skip on channels, ResNet [+ Transformer2DModel]) then an optional x2 upsampler.
+    """diffusers ``UpBlock2D``, or ``CrossAttnUpBlock2D`` when ``attentions`` (one spec per layer) is set:
+    ``num_layers`` x (concat the last skip on channels, ResNet [+ Transformer2DModel]) then an optional x2 upsampler.
 
     (B, H, W, C), skips (num_layers tensors (B, H, W, Ci), consumed from the end) -> (B, H', W', out_channels).
     """
 
     out_channels: int
     num_layers: int
-    attention: TransformerSpec | None = None
+    attentions: tuple[TransformerSpec, ...] = ()
     add_upsample: bool = True
     groups: int = 32
     eps: float = 1e-5
@@ -348,9 +413,9 @@ class UpBlock2D(nn.Module):
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
             x = resnet(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
-            if self.attention is not None:
+            if self.attentions:
                 x = Transformer2DModel(
-                    self.attention, self.groups, self.remat, dtype=self.dtype, name=f"attentions_{i}"
+                    self.attentions[i], self.groups, self.remat, dtype=self.dtype, name=f"attentions_{i}"
                 )(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
@@ -379,12 +444,16 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """Stable Diffusion 1.x / 2.x UNet, numerically matching diffusers 0.42's ``UNet2DConditionModel``.
+    """Stable Diffusion 1.x / 2.x / XL UNet, numerically matching diffusers 0.42's ``UNet2DConditionModel``.
 
-    ``apply({"params": p}, sample, timesteps, encoder_hidden_states)``:
+    ``apply({"params": p}, sample, timesteps, encoder_hidden_states[, text_embeds=..., time_ids=...])``:
       sample (B, H, W, in_channels) NHWC, H and W multiples of 2 ** (number of blocks - 1);
       timesteps a scalar or (B,) (int or float; (1,) broadcasts);
       encoder_hidden_states (B, S, cross_attention_dim) text embeddings;
+      text_embeds (B, P), time_ids (B, N) float: only for ``addition_embed_type="text_time"`` (SDXL), where
+        P + N * addition_time_embed_dim = projection_class_embeddings_input_dim (SDXL base: the pooled 1280-wide
+        text embedding and 6 ids, original size + crop top-left + target size; refiner: 1280 and 5 ids, original
+        size + crop top-left + aesthetic score). diffusers passes these two in ``added_cond_kwargs``;
       -> (B, H, W, out_channels) in ``dtype`` (the predicted noise or velocity).
     ``remat`` recomputes ResNet and transformer blocks in the backward pass (gradient checkpointing).
     """
@@ -397,25 +466,31 @@ class UNet2DConditionModel(nn.Module):
     torch_ignored_keys: ClassVar[tuple[str, ...]] = ()
     torch_key_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def dummy_inputs(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Smallest (sample, timesteps, encoder_hidden_states) whose ``init`` creates every parameter."""
+    def dummy_inputs(self) -> tuple[jax.Array, ...]:
+        """Smallest (sample, timesteps, encoder_hidden_states[, text_embeds, time_ids]) whose ``init`` creates every
+        parameter. A text_time UNet gets one time id and the rest of ``projection_class_embeddings_input_dim`` as
+        text_embeds: only their total width shapes ``add_embedding``."""
         cfg = self.config
         size = 2 ** (len(cfg.block_out_channels) - 1)
-        return (
+        inputs = (
             jnp.zeros((1, size, size, cfg.in_channels), jnp.float32),
             jnp.zeros((1,), jnp.float32),
             jnp.zeros((1, 1, cfg.cross_attention_dims()[0]), jnp.float32),
         )
+        if cfg.addition_embed_type != "text_time":
+            return inputs
+        pooled = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+        return (*inputs, jnp.zeros((1, pooled), jnp.float32), jnp.zeros((1, 1), jnp.float32))
 
-    def _transformer_spec(self, block: int, channels: int) -> TransformerSpec:
+    def _transformer_spec(self, block: int, depth: int) -> TransformerSpec:
         cfg = self.config
         heads = cfg.heads()[block]
         return TransformerSpec(
             heads=heads,
-            dim_head=channels // heads,
-            depth=cfg.transformer_depths()[block],
+            dim_head=cfg.block_out_channels[block] // heads,
+            depth=depth,
             use_linear_projection=cfg.use_linear_projection,
-            upcast_attention=cfg.upcast_attention,
+            upcast_attention=bool(cfg.upcast_attention),
         )
 
     def _check_inputs(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> None:
@@ -432,6 +507,39 @@ class UNet2DConditionModel(nn.Module):
                 f"got shape {context.shape}"
             )
 
+    def _check_added_conditions(self, batch: int, text_embeds: jax.Array | None, time_ids: jax.Array | None) -> None:
+        cfg = self.config
+        given = [name for name, x in (("text_embeds", text_embeds), ("time_ids", time_ids)) if x is not None]
+        if cfg.addition_embed_type != "text_time":
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)} given to a UNet with addition_embed_type={cfg.addition_embed_type!r}; "
+                    "only addition_embed_type='text_time' (SDXL) UNets take text_embeds and time_ids"
+                )
+            return
+        expected = (
+            f"text_embeds (batch={batch}, P) and time_ids (batch={batch}, N) with P + N * "
+            f"{cfg.addition_time_embed_dim} = {cfg.projection_class_embeddings_input_dim} (SDXL base: P=1280, N=6; "
+            "refiner: P=1280, N=5)"
+        )
+        if len(given) < 2:
+            raise ValueError(
+                f"this UNet has addition_embed_type='text_time' and needs {expected}; got "
+                f"{'only ' + given[0] if given else 'neither'}"
+            )
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+        if (
+            text_embeds.ndim != 2
+            or time_ids.ndim != 2
+            or text_embeds.shape[0] != batch
+            or time_ids.shape[0] != batch
+            or width != cfg.projection_class_embeddings_input_dim
+        ):
+            raise ValueError(
+                f"this UNet needs {expected}; got text_embeds {tuple(text_embeds.shape)} and time_ids "
+                f"{tuple(time_ids.shape)}"
+            )
+
     def _time_embedding(self, timesteps: jax.Array, batch: int) -> jax.Array:
         cfg = self.config
         timesteps = jnp.broadcast_to(timesteps.reshape(-1), (batch,))
@@ -440,19 +548,39 @@ class UNet2DConditionModel(nn.Module):
         ).astype(self.dtype)
         return TimestepEmbedding(cfg.block_out_channels[0] * 4, dtype=self.dtype, name="time_embedding")(t_emb)
 
+    def _text_time_embedding(self, text_embeds: jax.Array, time_ids: jax.Array) -> jax.Array:
+        """diffusers' "text_time" aug_emb: each id embedded as a timestep (``add_time_proj``), flattened per
+        example, after the pooled text embedding, through ``add_embedding``. (B, P), (B, N) -> (B, 4 * C0)."""
+        cfg = self.config
+        batch, num_ids = time_ids.shape
+        time_embeds = get_timestep_embedding(
+            time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+        ).reshape(batch, num_ids * cfg.addition_time_embed_dim)
+        add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1).astype(self.dtype)
+        return TimestepEmbedding(cfg.block_out_channels[0] * 4, dtype=self.dtype, name="add_embedding")(add_embeds)
+
     @nn.compact
     def __call__(
-        self, sample: jax.Array, timesteps: jax.Array | int | float, encoder_hidden_states: jax.Array
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array | int | float,
+        encoder_hidden_states: jax.Array,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         timesteps = jnp.asarray(timesteps)
+        text_embeds, time_ids = (None if x is None else jnp.asarray(x) for x in (text_embeds, time_ids))
         self._check_inputs(sample, timesteps, encoder_hidden_states)
+        self._check_added_conditions(sample.shape[0], text_embeds, time_ids)
         groups, eps, n = cfg.norm_num_groups, cfg.norm_eps, len(cfg.block_out_channels)
         common = dict(groups=groups, eps=eps, remat=self.remat, dtype=self.dtype)
 
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         temb = self._time_embedding(timesteps, sample.shape[0])
+        if cfg.addition_embed_type == "text_time":
+            temb = temb + self._text_time_embedding(text_embeds, time_ids)
         x = nn.Conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(sample)
 
         skips = [x]
@@ -461,7 +589,7 @@ class UNet2DConditionModel(nn.Module):
             x, block_skips = DownBlock2D(
                 channels,
                 cfg.layers()[i],
-                attention=self._transformer_spec(i, channels) if cross else None,
+                attentions=tuple(self._transformer_spec(i, d) for d in cfg.down_transformer_depths(i)) if cross else (),
                 add_downsample=i < n - 1,
                 downsample_padding=cfg.downsample_padding,
                 name=f"down_blocks_{i}",
@@ -470,7 +598,7 @@ class UNet2DConditionModel(nn.Module):
             skips.extend(block_skips)
 
         x = UNetMidBlock2DCrossAttn(
-            self._transformer_spec(n - 1, cfg.block_out_channels[-1]), name="mid_block", **common
+            self._transformer_spec(n - 1, cfg.mid_transformer_depth()), name="mid_block", **common
         )(x, temb, encoder_hidden_states)
 
         for i, block_type in enumerate(cfg.up_block_types):
@@ -483,7 +611,9 @@ class UNet2DConditionModel(nn.Module):
             x = UpBlock2D(
                 channels,
                 num_layers,
-                attention=self._transformer_spec(block, channels) if cross else None,
+                attentions=tuple(self._transformer_spec(block, d) for d in cfg.up_transformer_depths(i))
+                if cross
+                else (),
                 add_upsample=i < n - 1,
                 name=f"up_blocks_{i}",
                 **common,
