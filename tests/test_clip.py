@@ -1,5 +1,5 @@
-"""CLIPTextModel: numerical parity with transformers' PyTorch CLIPTextModel on tiny configs, checkpoint layouts,
-and the SD 1.5 text encoder's shape."""
+"""CLIPTextModel and CLIPTextModelWithProjection: numerical parity with transformers' PyTorch classes on tiny
+configs, checkpoint layouts, and the SD 1.5 text encoder's shape."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from sdjax import weights
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.config import UnsupportedConfigError
+from tests.reference import perturb_
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -201,3 +202,105 @@ def test_pooled_output_follows_transformers_pooling_rule(tmp_path, eos_token_id)
     assert relative_error(pooled, ref) < 1e-5
     expected_position = 2 if eos_token_id == 2 else 4
     np.testing.assert_allclose(pooled, np.asarray(last)[:, expected_position], rtol=0, atol=0)
+
+
+# --- CLIPTextModelWithProjection (SDXL text_encoder_2, the refiner's text encoder)
+
+
+def make_projection_pair(folder, eos_token_id: int):
+    """A perturbed random transformers CLIPTextModelWithProjection (gelu, as OpenCLIP bigG) with two ids above EOS
+    in its vocabulary (as textual inversion adds), saved to ``folder`` and loaded back into sdjax."""
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(
+        **{**TINY, "vocab_size": VOCAB + 2, "eos_token_id": eos_token_id, "hidden_act": "gelu"}
+    )
+    reference = perturb_(transformers.CLIPTextModelWithProjection(config), seed=1)
+    reference.save_pretrained(folder, safe_serialization=True)
+    module, params = weights.load_component(folder)
+    return reference, module, params
+
+
+@pytest.fixture(scope="module", params=[2, EOS], ids=["legacy-eos-2", "eos-id"])
+def projection_pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"clip_projection_{request.param}")
+    return (*make_projection_pair(folder, request.param), folder)
+
+
+def ids_where_pooling_rules_differ() -> np.ndarray:
+    """Row 0: an added token (id above EOS) before the EOS, so argmax and first-EOS pick different positions;
+    row 1: plain BOS, tokens, EOS, padding, where both rules agree."""
+    ids = np.full((2, LENGTH), PAD, np.int32)
+    ids[0, :5] = [BOS, 5, VOCAB + 1, 7, EOS]
+    ids[0, 5:] = EOS
+    ids[1, :4] = [BOS, 11, 12, EOS]
+    return ids
+
+
+def test_projection_model_loads_as_its_own_class(projection_pair):
+    _, module, params, _ = projection_pair
+    assert type(module) is CLIPTextModelWithProjection
+    assert params["text_projection"]["kernel"].shape == (64, 32)  # bias-free Dense to projection_dim
+    assert "bias" not in params["text_projection"]
+
+
+def test_projection_text_embeds_match_transformers(projection_pair):
+    reference, module, params, _ = projection_pair
+    ids = ids_where_pooling_rules_differ()
+    text_embeds, last = module.apply({"params": params}, jnp.asarray(ids))
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(ids).long())
+    errors = [
+        relative_error(text_embeds, theirs.text_embeds.numpy()),
+        relative_error(last, theirs.last_hidden_state.numpy()),
+    ]
+    print(f"eos_token_id={module.config.eos_token_id}: text_embeds {errors[0]:.2e}, last_hidden_state {errors[1]:.2e}")
+    assert text_embeds.shape == (2, 32) and last.shape == (2, LENGTH, 64)
+    assert max(errors) <= 1e-4
+
+
+def test_projection_hidden_states_match_transformers(projection_pair):
+    reference, module, params, _ = projection_pair
+    ids = ids_where_pooling_rules_differ()
+    text_embeds, _, ours = module.apply({"params": params}, jnp.asarray(ids), output_hidden_states=True)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(ids).long(), output_hidden_states=True)
+    assert len(ours) == len(theirs.hidden_states) == TINY["num_hidden_layers"] + 1
+    errors = [relative_error(a, b.numpy()) for a, b in zip(ours, theirs.hidden_states, strict=True)]
+    assert max(errors) <= 1e-4
+    # SDXL's prompt embedding is the penultimate state as is: not passed through final_layer_norm.
+    assert relative_error(ours[-2], theirs.last_hidden_state.numpy()) > 1e-2
+    assert relative_error(text_embeds, theirs.text_embeds.numpy()) <= 1e-4
+
+
+def test_projection_pools_by_the_legacy_or_eos_rule(projection_pair):
+    """text_embeds is text_projection of the state at argmax(ids) (legacy eos_token_id 2) or at the first EOS."""
+    _, module, params, _ = projection_pair
+    ids = ids_where_pooling_rules_differ()
+    text_embeds, last = module.apply({"params": params}, jnp.asarray(ids))
+    position = 2 if module.config.eos_token_id == 2 else 4
+    kernel = np.asarray(params["text_projection"]["kernel"], np.float64)
+    expected = np.asarray(last, np.float64)[0, position] @ kernel
+    np.testing.assert_allclose(np.asarray(text_embeds[0], np.float64), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_projection_model_saves_in_the_transformers_layout(projection_pair, tmp_path):
+    reference, module, params, _ = projection_pair
+    weights.save_component(module, params, tmp_path)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    assert "text_projection.weight" in keys and all(
+        k.startswith("text_model.") for k in keys - {"text_projection.weight"}
+    )
+    reloaded = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path).eval()
+    ids = ids_where_pooling_rules_differ()
+    with torch.no_grad():
+        ours, theirs = (m(torch.from_numpy(ids).long()).text_embeds.numpy() for m in (reloaded, reference))
+    np.testing.assert_array_equal(ours, theirs)
+    _, reloaded_params = weights.load_component(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, reloaded_params, params)
+
+
+def test_projection_model_needs_projection_dim():
+    from sdjax.models.clip import CLIPTextModelWithProjectionConfig
+
+    with pytest.raises(ValueError, match="projection_dim=None"):
+        CLIPTextModelWithProjectionConfig.from_dict(dict(TINY, projection_dim=None))
