@@ -23,7 +23,7 @@ from sdjax import denoise, loading, parallel, samplers, schedule, tokenizer
 from sdjax import latents as latents_lib
 from sdjax.errors import PipelineError
 from sdjax.images import load_image, read_image
-from sdjax.loading import folders
+from sdjax.loading import folders, lora, textual_inversion
 
 __all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "PipelineError", "StableDiffusion", "check_generate_args", "read_image"]
 
@@ -56,6 +56,7 @@ class StableDiffusion:
     _replicated: dict[str, Any] = field(default_factory=dict, repr=False)
     _compiled: dict[Any, Any] = field(default_factory=dict, repr=False)
     last_timings: dict[str, float] = field(default_factory=dict, repr=False)
+    _lora: lora.LoraState | None = field(default=None, repr=False)  # add-ons: the loaded LoRAs
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -102,6 +103,54 @@ class StableDiffusion:
     def modules(self) -> dict[str, Any]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
+    # ------------------------------------------------------------------------------------------- add-ons
+    # LoRA and textual inversion: thin methods over sdjax.loading.lora / .textual_inversion ("params in, params
+    # out"), mutating the pipeline as diffusers does. A LoRA is merged into the params (see lora.py's docstring).
+
+    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None) -> None:
+        """Loads a kohya / A1111 or diffusers / PEFT LoRA ``.safetensors`` file (or a folder holding
+        ``pytorch_lora_weights.safetensors``) as adapter ``adapter_name`` (default ``default_N``) and makes it the
+        only active one, with weight ``scale`` (as diffusers). Nothing changes when it raises PipelineError."""
+        state = self._lora or lora.LoraState(base=dict(self.params))
+        name = lora.default_adapter_name(self._lora) if adapter_name is None else adapter_name
+        adapter = lora.read_adapter(path, name, self.modules, state.base)
+        self._set_lora(lora.add_adapter(state, adapter, scale))
+
+    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
+        """Activates exactly the LoRAs ``names`` with ``weights`` (one per name, one for all, None: 1.0), as
+        diffusers' ``set_adapters``; re-merges from the original params (no recompile)."""
+        self._set_lora(lora.set_adapters(self._lora, names, weights))
+
+    def unload_lora_weights(self) -> None:
+        """Removes every LoRA: the params become the ones loaded before the first LoRA (the same arrays)."""
+        if self._lora is not None:
+            self.params, self._lora = dict(self._lora.base), None
+
+    @property
+    def active_adapters(self) -> dict[str, float]:
+        """The active LoRAs and their weights."""
+        return dict(self._lora.active) if self._lora else {}
+
+    def _set_lora(self, state: lora.LoraState) -> None:
+        self.params, self._lora = lora.merged_params(state), state
+
+    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> None:
+        """Loads an A1111 (``emb_params``) or diffusers (``{token: vectors}``) embedding ``.safetensors``: the
+        tokenizer gets ``token`` (default: the diffusers file's token, the A1111 file's name) and, for an
+        n-vector embedding, ``token_1 .. token_{n-1}``; the text encoder's embedding table grows by n rows.
+        Prompts containing ``token`` use all n vectors (see :func:`textual_inversion.expand_prompt`)."""
+        tokens, vectors = textual_inversion.read_embedding(path, token, self.tokenizer, self.text_encoder)
+        self.text_encoder, params = textual_inversion.grow_token_embedding(
+            self.text_encoder, self.params["text_encoder"], self.tokenizer, tokens, vectors
+        )
+        if self._lora is not None:  # a later re-merge starts from the base params: they need the new rows too
+            _, base = textual_inversion.grow_token_embedding(
+                self.text_encoder, self._lora.base["text_encoder"], self.tokenizer, tokens, vectors
+            )
+            self._lora = lora.with_base(self._lora, "text_encoder", base)
+        self.params = {**self.params, "text_encoder": params}
+        self.tokenizer = textual_inversion.add_tokens(self.tokenizer, tokens)
+
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel (8 for SD), the VAE's ``downsampling_factor``."""
@@ -112,7 +161,8 @@ class StableDiffusion:
     def encode_prompt(self, prompts: list[str]) -> jax.Array:
         """Prompts -> text embeddings (B, 77, D) in the text encoder's dtype; over-long prompts are truncated
         with a warning."""
-        ids = tokenizer.tokenize(self.tokenizer, list(prompts))
+        prompts = [textual_inversion.expand_prompt(self.tokenizer, p) for p in prompts]
+        ids = tokenizer.tokenize(self.tokenizer, prompts)
         return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids))
 
     def _conditions(self, prompts: list[str], negative_prompts: list[str], guided: bool) -> dict[str, Any]:
