@@ -57,3 +57,20 @@ def test_single_file_scheduler_configs_are_the_published_files(name):
 
     published = json.loads((FIXTURES / name / "scheduler" / "scheduler_config.json").read_text())
     assert SCHEDULER_CONFIGS[name] == published
+
+
+def test_shrunk_sdxl_refiner_folder_keeps_the_published_layout(tmp_path):
+    """published_folder writes what model_index.json names (no text_encoder for the refiner), shrunk consistently:
+    the UNet's context and pooled inputs fit the shrunk text_encoder_2, and sdjax loads every network."""
+    from tests.published import published_folder
+
+    folder = published_folder("sdxl_refiner", tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model_index.json", "scheduler", "text_encoder_2", "tokenizer_2", "unet", "vae"
+    ]  # fmt: skip
+    unet, _ = weights.load_component(folder / "unet")
+    text_encoder, _ = weights.load_component(folder / "text_encoder_2")
+    weights.load_component(folder / "vae")
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    time_ids_width = 5 * unet.config.addition_time_embed_dim  # original size, crop, aesthetic score
+    assert unet.config.projection_class_embeddings_input_dim == text_encoder.config.projection_dim + time_ids_width
