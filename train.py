@@ -18,9 +18,12 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices on a CPU.
 
 Multi-host (TPU pod slices, several GPU hosts): start the same command on every host with
 --config.distributed=True. It calls jax.distributed.initialize(), which finds the cluster by itself on Cloud TPU
-and from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or SLURM) elsewhere. Every host reads its
-own slice of each global batch; host 0 writes workdir/model, logs and samples; all hosts take part in saving
-checkpoints, so --workdir must be a shared filesystem or a gs:// bucket path mounted the same on every host.
+(and SLURM); elsewhere set JAX_COORDINATOR_ADDRESS=host:port (process 0's host), JAX_NUM_PROCESSES and
+JAX_PROCESS_ID on every process. CPU collectives use gloo. Every host reads its own slice of each global batch;
+host 0 writes workdir/model, logs and samples; all hosts take part in saving checkpoints (host 0 writes them),
+so --workdir must be a shared filesystem or a gs:// bucket path mounted the same on every host. A process
+whose peer dies stops with one line within about --distributed_heartbeat_timeout seconds; rerun every process
+to resume from the last checkpoint.
 
 Outputs in --workdir: model/ (diffusers-style configs, tokenizer, scheduler, frozen weights), checkpoints/,
 logs/ (TensorBoard), samples/<step>.png, train_config.json. Load the result with
@@ -30,7 +33,11 @@ sdjax.StableDiffusion.from_pretrained(workdir).
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
+import traceback
+from typing import NoReturn
 
 # Quiet third-party start-up chatter: TensorFlow's C++ INFO lines, transformers' "PyTorch was not found".
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,22 +59,112 @@ _COMPILE_CACHE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_init_timeout", 300, "--config.distributed: seconds to wait for the coordinator and every process."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_heartbeat_timeout", 60, "--config.distributed: seconds after which a silent process counts as dead."
+)
+ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+EXIT_USAGE = 2  # bad command line or environment, as absl's flag errors
+
+
+def _usage_exit(message: str) -> NoReturn:
+    """Prints ``train.py: message`` and exits with status 2 (the SystemExit's text is the message, for callers)."""
+    print(f"train.py: {message}", file=sys.stderr, flush=True)
+    error = SystemExit(message)
+    error.code = EXIT_USAGE
+    raise error
+
+
 def _cluster_from_env() -> dict[str, object]:
     """jax.distributed.initialize arguments from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
 
     JAX itself reads only the first of them (it wants the others as arguments or from a cluster it detects:
-    Cloud TPU, SLURM...), so a cluster described by the three variables would not start without this."""
+    Cloud TPU, SLURM...), so a cluster described by the three variables would not start without this. Without
+    JAX_NUM_PROCESSES the cluster is left to JAX's detection ({})."""
     env = os.environ
-    if "JAX_COORDINATOR_ADDRESS" not in env or "JAX_NUM_PROCESSES" not in env:
+    if "JAX_NUM_PROCESSES" not in env:
         return {}  # auto-detection (Cloud TPU, SLURM, ...)
     try:
-        return {
-            "coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
-            "num_processes": int(env["JAX_NUM_PROCESSES"]),
-            "process_id": int(env.get("JAX_PROCESS_ID", "")),
-        }
+        num_processes, process_id = int(env["JAX_NUM_PROCESSES"]), int(env.get("JAX_PROCESS_ID", ""))
     except ValueError:
-        sys.exit("train.py: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers (set all three variables)")
+        _usage_exit(
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got JAX_NUM_PROCESSES="
+            f"{env['JAX_NUM_PROCESSES']!r}, JAX_PROCESS_ID={env.get('JAX_PROCESS_ID', '(unset)')!r} (set all three "
+            f"of {', '.join(ENV_VARS)} on every process)"
+        )
+    if not 0 <= process_id < num_processes:
+        _usage_exit(f"JAX_PROCESS_ID={process_id} must be in [0, JAX_NUM_PROCESSES={num_processes})")
+    address = env.get("JAX_COORDINATOR_ADDRESS", "")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        _usage_exit(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port of process 0 (e.g. 10.0.0.1:1234)")
+    return {"coordinator_address": address, "num_processes": num_processes, "process_id": process_id}
+
+
+def _check_coordinator(address: str, process_id: int, timeout: float) -> None:
+    """One line (exit 2) instead of JAX's abort when the coordinator cannot work: process 0 cannot bind its port,
+    or another process cannot reach it within ``timeout`` seconds (it may start later than this one)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if process_id == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:  # JAX's coordinator binds the port on every interface
+                s.bind(("::" if ":" in host else "", int(port)))
+            except OSError as e:
+                _usage_exit(f"process 0 cannot serve JAX_COORDINATOR_ADDRESS={address}: port {port}: {e.strerror}")
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                _usage_exit(
+                    f"no coordinator at JAX_COORDINATOR_ADDRESS={address} after {timeout:.0f} s ({e.strerror or e}); "
+                    "start process 0 there, or fix the address (--distributed_init_timeout sets the wait)"
+                )
+            time.sleep(1)  # polling a TCP port: there is nothing to wait on
+
+
+def start_cluster() -> None:
+    """jax.distributed.initialize from the environment, with gloo CPU collectives and bounded timeouts."""
+    cluster = _cluster_from_env()
+    # Cross-process collectives of the CPU backend need an implementation; without one they fail.
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if cluster:
+        _check_coordinator(cluster["coordinator_address"], cluster["process_id"], _INIT_TIMEOUT.value)
+    try:
+        jax.distributed.initialize(
+            **cluster,
+            initialization_timeout=_INIT_TIMEOUT.value,
+            heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+            # A failed process exits at once (os._exit below); a finished one waits this long for the others.
+            shutdown_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+        )
+    except (ValueError, TypeError, RuntimeError) as e:  # JAX's "Number of processes must be defined." and co.
+        _usage_exit(
+            f"--config.distributed=True found no cluster ({str(e).splitlines()[0]}): run on Cloud TPU or SLURM, or "
+            f"set {', '.join(ENV_VARS)} on every process"
+        )
+
+
+def _lost_peer(error: BaseException) -> bool:
+    # A collective whose peer process died: gloo's TCP pair closes (XLA raises it as ValueError/RuntimeError).
+    text = str(error).lower()
+    return any(s in text for s in ("gloo", "connection closed by peer", "coordination service", "heartbeat"))
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Exits without JAX's shutdown barrier: peers blocked in a collective with this process would keep it
+    waiting (and then abort it); exiting closes the connections, so they fail at once too."""
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: list[str]) -> None:
@@ -83,8 +180,9 @@ def main(argv: list[str]) -> None:
         enable_compile_cache()
 
     # --- Cluster: must run before anything touches a JAX device.
-    if config.get("distributed"):
-        jax.distributed.initialize(**_cluster_from_env())
+    distributed = bool(config.get("distributed"))
+    if distributed:
+        start_cluster()
     logging.info("process %d/%d, %d local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.local_devices())  # fmt: skip
 
@@ -92,11 +190,24 @@ def main(argv: list[str]) -> None:
     # anything else is a bug and keeps its traceback.
     try:
         loop.train_and_evaluate(config, _WORKDIR.value)
-    except (NonFiniteLossError, ValueError) as e:
-        if not type(e).__module__.startswith("sdjax"):
+    except Exception as e:
+        ours = isinstance(e, (NonFiniteLossError, ValueError)) and type(e).__module__.startswith("sdjax")
+        if not (ours or distributed):
             raise
-        logging.error("%s: %s", type(e).__name__, e)
-        sys.exit(f"train.py: {type(e).__name__}: {e}")
+        if ours:
+            logging.error("%s: %s", type(e).__name__, e)
+            print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr)
+        elif _lost_peer(e):
+            print(
+                f"train.py: process {jax.process_index()} of {jax.process_count()} lost another process of the run "
+                f"({str(e).splitlines()[0]}); rerun the command on every host to resume from the last checkpoint",
+                file=sys.stderr,
+            )
+        else:
+            traceback.print_exc()
+        if distributed:
+            _exit_now(1)
+        sys.exit(1)
 
 
 def _config_override_error(argv: list[str], error: Exception) -> str:

@@ -11,7 +11,9 @@ of the model definition afterwards: resumed runs rebuild every module from it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -59,6 +61,48 @@ def input_pipeline(config: ml_collections.ConfigDict, tok: Any, start: int, spli
         data_dir=d.data_dir,
         source_options={"num_train": d.get("num_train") or None},
     )
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> None:
+    """Prepares the data source (a TFDS build into config.data.data_dir) if it is not yet. Multi-host runs call it
+    on host 0 before the others open the source: hosts preparing the same directory at once collide."""
+    from sdjax.data.input_pipeline import open_source
+
+    d = config.data
+    open_source(d.source, d.split, d.data_dir, d.image_key, None, {"num_train": d.get("num_train") or None})
+
+
+class LoggedBatches:
+    """Batches passed through, with one JSON line per batch appended to ``path``: the batch's data position,
+    this host's index and a digest per example ("image" rows). It shows which examples each host reads
+    (``$SDJAX_BATCH_LOG``: a folder; the multi-host test compares hosts)."""
+
+    def __init__(self, batches: Batches, path: Path, position: int):
+        self.batches, self.path, self.position = batches, path, position
+
+    def __iter__(self) -> LoggedBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.batches)
+        images = np.asarray(batch["image"]).reshape(-1, *batch["image"].shape[2:])
+        digests = [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in images]
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"position": self.position, "process": jax.process_index(), "examples": digests}) + "\n")
+        self.position += 1
+        return batch
+
+    def __getattr__(self, name: str) -> Any:  # num_corrupt_skipped, close
+        return getattr(self.batches, name)
+
+
+def _training_batches(config: ml_collections.ConfigDict, model: Any, batches_fn: Any, position: int) -> Batches:
+    batches = (batches_fn or (lambda p: input_pipeline(config, model.tokenizer, p)))(position)
+    log_dir = os.environ.get("SDJAX_BATCH_LOG")
+    if not log_dir:
+        return batches
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    return LoggedBatches(batches, Path(log_dir) / f"batches.{jax.process_index()}.jsonl", position)
 
 
 @functools.cache
@@ -147,7 +191,9 @@ def _model(config: ml_collections.ConfigDict, workdir: Path, stage: Stage, batch
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("model folder written")
+        if jax.process_index() == 0 and batches_fn is None:
+            prepare_data(config)
+        multihost_utils.sync_global_devices("model folder written, data prepared")
     model = model_lib.load_model(config, model_dir)
     if jax.process_index() == 0:
         (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -178,7 +224,7 @@ def _train(
     state = parallel.replicate(state, devices)
     frozen = parallel.replicate(model.frozen, devices)
     eval_batches = _eval_batches(config, model, batches_fn, eval_batches_fn)
-    host_batches = (batches_fn or (lambda p: input_pipeline(config, model.tokenizer, p)))(start * accum)
+    host_batches = _training_batches(config, model, batches_fn, start * accum)
     first = next(host_batches)
     preview = stage.preview(config, model, first["image"].reshape(-1, *first["image"].shape[2:])[: config.num_samples])
     batches = flax.jax_utils.prefetch_to_device(itertools.chain([first], host_batches), 2, devices)
