@@ -219,8 +219,9 @@ def _train(
     # --- Devices, update and evaluation steps, input pipelines.
     devices = jax.local_devices()
     loss_fn = stage.loss_fn(config, model)
-    p_step = steps.pmap_step(steps.make_train_step(loss_fn, config), devices)
-    p_eval = steps.pmap_eval_step(steps.make_eval_step(loss_fn), devices)
+    # pmap over every process's devices: given this host's devices alone, each host would average its own gradients.
+    p_step = steps.pmap_step(steps.make_train_step(loss_fn, config))
+    p_eval = steps.pmap_eval_step(steps.make_eval_step(loss_fn))
     state = parallel.replicate(state, devices)
     frozen = parallel.replicate(model.frozen, devices)
     eval_batches = _eval_batches(config, model, batches_fn, eval_batches_fn)

@@ -74,8 +74,10 @@ def make_eval_step(loss_fn: LossFn) -> EvalFn:
 
 
 def pmap_step(step: StepFn, devices: list[Any] | None = None) -> Callable:
-    """``pmap`` of an update step over ``devices`` (default: all local devices) with the state donated and the
-    rng broadcast. Inputs: replicated state and frozen params, batch with a leading device axis."""
+    """``pmap`` of an update step over ``devices`` (default: the devices of every process, host by host) with the
+    state donated and the rng broadcast. Inputs: this host's replicated state and frozen params, batch with a
+    leading axis over this host's devices. Multi-host runs must not pass ``devices``: a host's own devices would
+    make a pmap (and a gradient mean) of that host alone."""
     return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 0, None), donate_argnums=(0,), devices=devices)
 
 
