@@ -217,7 +217,7 @@ def vae_layout(state: Mapping[str, Any], down: str, block: str) -> tuple[int, in
 # --- renaming engine
 
 
-def _rename(state: Mapping[str, np.ndarray], pairs: Pairs, what: str) -> State:
+def _rename(state: Mapping[str, np.ndarray], pairs: Pairs, what: str, family: str = "SD 1.x/2.x") -> State:
     """Replaces each key's longest matching prefix; keys no prefix matches are all reported in one error."""
     table = dict(pairs)
     out, unknown = {}, []
@@ -231,7 +231,7 @@ def _rename(state: Mapping[str, np.ndarray], pairs: Pairs, what: str) -> State:
         out[table[prefix] + key[len(prefix) :]] = value
     if unknown:
         raise WeightsError(
-            f"{what}: {len(unknown)} keys do not fit the SD 1.x/2.x layout ({weights._short_list(sorted(unknown))})"
+            f"{what}: {len(unknown)} keys do not fit the {family} layout ({weights._short_list(sorted(unknown))})"
         )
     return out
 
@@ -296,8 +296,8 @@ def split_components(state: Mapping[str, np.ndarray]) -> dict[str, State]:
     """{"unet" | "vae" | "clip" | "open_clip": state without its prefix} for the networks present."""
     if any(k.startswith("conditioner.embedders.") for k in state):
         raise WeightsError(
-            "this is an SDXL checkpoint (conditioner.embedders.* keys); SDXL is not supported, only SD 1.x/2.x "
-            "single files (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)"
+            "this is an SDXL checkpoint (conditioner.embedders.* keys); SDXL is not supported by the SD 1.x/2.x "
+            "converter: use sdjax.loading.ldm_names_xl.ldm_to_diffusers (or sdjax.StableDiffusionXL.from_pretrained)"
         )
     parts = {name: {k[len(p) :]: v for k, v in state.items() if k.startswith(p)} for name, p in PREFIXES.items()}
     parts = {name: _strip(part, IGNORED.get(name, ())) for name, part in parts.items() if part}
@@ -319,8 +319,7 @@ def convert(parts: dict[str, State]) -> dict[str, State]:
     unet = parts["unet"]
     out = {"unet": _rename(unet, _unet_pairs(unet_layout_from_ldm(unet)), "model.diffusion_model")}
     if "vae" in parts:
-        pairs = _vae_pairs(*vae_layout(parts["vae"], "down", "block"))
-        out["vae"] = _vae_attention_to_linear(_rename(parts["vae"], pairs, "first_stage_model"))
+        out["vae"] = vae_to_diffusers(parts["vae"])
     if "clip" in parts:
         # Files saved with transformers < 4.19 lack the text_model. level.
         state = {
@@ -372,10 +371,8 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, np.ndarray]], open_cl
     if unet:
         pairs = _inverse(_unet_pairs(unet_layout_from_diffusers(unet)))
         out.update(_prefixed("unet", _rename(unet, pairs, "diffusers UNet")))
-    vae = {_legacy_vae_name(k): v for k, v in components.get("vae", {}).items()}
-    if vae:
-        pairs = _inverse(_vae_pairs(*vae_layout(vae, "down_blocks", "resnets")))
-        out.update(_prefixed("vae", _rename(_vae_attention_to_conv(vae), pairs, "diffusers AutoencoderKL")))
+    if components.get("vae"):
+        out.update(_prefixed("vae", vae_to_ldm(components["vae"])))
     text = {
         k if k.startswith("text_model.") else f"text_model.{k}": v
         for k, v in components.get("text_encoder", {}).items()
@@ -385,6 +382,19 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, np.ndarray]], open_cl
             open_clip = np.ndim(unet.get("mid_block.attentions.0.proj_in.weight")) == 2
         out.update(_open_clip_to_ldm(text) if open_clip else _clip_to_ldm(text))
     return out
+
+
+def vae_to_diffusers(state: State) -> State:
+    """An LDM VAE state dict (``first_stage_model.`` removed) in diffusers ``AutoencoderKL`` names."""
+    pairs = _vae_pairs(*vae_layout(state, "down", "block"))
+    return _vae_attention_to_linear(_rename(state, pairs, "first_stage_model"))
+
+
+def vae_to_ldm(state: Mapping[str, np.ndarray]) -> State:
+    """A diffusers ``AutoencoderKL`` state dict (legacy attention names accepted) in LDM names, unprefixed."""
+    vae = {_legacy_vae_name(k): v for k, v in state.items()}
+    pairs = _inverse(_vae_pairs(*vae_layout(vae, "down_blocks", "resnets")))
+    return _rename(_vae_attention_to_conv(vae), pairs, "diffusers AutoencoderKL")
 
 
 def _clip_to_ldm(state: State) -> State:
@@ -409,6 +419,3 @@ def _legacy_vae_name(key: str) -> str:
     for old, new in _LEGACY_VAE_NAMES:
         key = re.sub(rf"(attentions\.\d+\.){re.escape(old)}", rf"\g<1>{new}", key)
     return key
-
-
-# --- configs

@@ -224,20 +224,34 @@ def load_single_file(
         )
     components = ldm_names.convert(parts)
     configs = _infer_configs(components, "open_clip" in parts, prediction_type)
+    networks = {name: config for name, config in configs.items() if name != "scheduler"}
+    modules, params = build_networks(networks, components, dtype, path.name)
+    return modules, params, configs["scheduler"]
+
+
+def build_networks(
+    configs: Mapping[str, dict[str, Any]],
+    components: Mapping[str, State],
+    dtype: Any,
+    where: str,
+    dtypes: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, weights.Params]]:
+    """(modules, params) per network: the flax module built from its diffusers / transformers config dict and
+    the state dict ``components[name]`` converted into it, in ``dtype`` (or ``dtypes[name]``). WeightsError
+    lists every key that does not fit; non-finite weights are refused. ``where`` names the file in errors."""
     modules, params = {}, {}
     for name, config in configs.items():
-        if name == "scheduler":
-            continue
+        dtype_of = (dtypes or {}).get(name, dtype)
         class_name = config.get("_class_name") or config["architectures"][0]
         cls, _ = weights.component_class(class_name)
-        module = cls(config=cls.config_class.from_dict(config), dtype=dtype)
+        module = cls(config=cls.config_class.from_dict(config), dtype=dtype_of)
         tree = weights.torch_to_flax(
             components[name],
             weights.param_shapes(module),
             renames=module.torch_key_renames,
             ignored=module.torch_ignored_keys,
-            component=f"{class_name} ({path.name})",
+            component=f"{class_name} ({where})",
         )
-        weights.check_finite(tree, f"{class_name} ({path.name})")
-        modules[name], params[name] = module, weights.to_device(tree, dtype)
-    return modules, params, configs["scheduler"]
+        weights.check_finite(tree, f"{class_name} ({where})")
+        modules[name], params[name] = module, weights.to_device(tree, dtype_of)
+    return modules, params
