@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -203,6 +204,17 @@ def test_file_gives_the_folders_images(tiny):
     if from_folder.requires_aesthetics_score:
         kwargs = dict(num_inference_steps=8, denoising_start=0.5, init_image=_noise(1))
     np.testing.assert_array_equal(from_file.generate(PROMPTS, **kwargs), from_folder.generate(PROMPTS, **kwargs))
+
+
+def test_saved_pipeline_loads_in_diffusers_from_single_file_with_the_folders_weights(tiny, tmp_path):
+    refiner = "text_encoder" not in tiny.components
+    file = single_file_xl.save_single_file(sdjax.from_pretrained(tiny.folder), tmp_path / "x.safetensors", np.float32)
+    cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+    pipe = cls.from_single_file(str(file), config=str(tiny.folder), local_files_only=True)
+    for name, state in _state_dicts(pipe).items():
+        assert sorted(state) == sorted(tiny.components[name]), name
+        for key, value in state.items():
+            np.testing.assert_array_equal(value, tiny.components[name][key], err_msg=f"{name}.{key}")
 
 
 # --- what the published models fix: tokenizers, scheduler, model_index options, configs
@@ -408,3 +420,11 @@ def test_unknown_text_encoders_are_refused():
              "conditioner.embedders.2.model.positional_embedding": np.zeros((77, 8), np.float32)}  # fmt: skip
     with pytest.raises(WeightsError, match="SDXL text encoders not recognised"):
         ldm_names_xl.ldm_to_diffusers(state)
+
+
+def test_config_folder_with_a_bad_field_names_the_network(tinies, tmp_path):
+    folder = shutil.copytree(tinies("base").folder, tmp_path / "config")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "layers_per_block": "1"}))
+    with pytest.raises(ValueError, match="unet config for sd_xl_base_tiny.safetensors: .*layers_per_block"):
+        sdjax.StableDiffusionXL.from_pretrained(tinies("base").file, config=folder)

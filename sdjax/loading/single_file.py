@@ -244,7 +244,10 @@ def build_networks(
         dtype_of = (dtypes or {}).get(name, dtype)
         class_name = config.get("_class_name") or config["architectures"][0]
         cls, _ = weights.component_class(class_name)
-        module = cls(config=cls.config_class.from_dict(config), dtype=dtype_of)
+        try:
+            module = cls(config=cls.config_class.from_dict(config), dtype=dtype_of)
+        except (TypeError, ValueError) as e:  # a field of the wrong type or value: say which network, keep the class
+            raise type(e)(f"{name} config for {where}: {e}") from e
         tree = weights.torch_to_flax(
             components[name],
             weights.param_shapes(module),

@@ -16,14 +16,19 @@ weights needed), as diffusers' ``from_single_file(..., config=...)``; the weight
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from sdjax import schedule, tokenizer, weights
 from sdjax.errors import PipelineError
@@ -243,3 +248,33 @@ def _folder(folder: Path, networks: set[str], file: Path) -> tuple[dict[str, dic
         "options": {key: index.get(key, default) for key, default in layout.options.items()},
     }
     return configs, extras
+
+
+# --- writing
+
+
+def save_single_file(pipe: Any, path: str | Path, dtype: Any = np.float16) -> Path:
+    """Writes an SDXL pipeline's networks (``pipe.modules`` / ``pipe.params``, e.g. a ``StableDiffusionXL``) as
+    one ``.safetensors`` file in the layout of sd_xl_base_1.0 (two text encoders) or sd_xl_refiner_1.0, weights
+    stored as ``dtype`` (float16 as published, or float32); it is written beside ``path`` and renamed into place.
+    Configs, tokenizers and scheduler are not stored: readers take the published ones (or a ``config`` folder)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise PipelineError(f"{path}: single files are written as .safetensors (got {path.suffix!r})")
+    components = {
+        name: weights.flax_to_torch(pipe.params[name], renames=getattr(module, "torch_export_renames", ()))
+        for name, module in pipe.modules.items()
+    }
+    state = {
+        k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in ldm_names_xl.diffusers_to_ldm(components).items()
+    }
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(state, staging, metadata={"format": "pt"})
+        weights.follow_umask(staging)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return path
