@@ -4,10 +4,14 @@
     python sample.py --model path/to/stable-diffusion-v1-5 --prompt "an astronaut riding a horse" \\
         --negative-prompt "blurry" --num-images 4 --steps 50 --guidance 7.5 --sampler dpmpp_2m --out out/
     python sample.py --model DIR --prompt "..." --init-image photo.png --strength 0.6 --out out/
+    python sample.py --model stable-diffusion-xl-base-1.0 --refiner stable-diffusion-xl-refiner-1.0 \
+        --high-noise-frac 0.8 --prompt "an astronaut riding a horse" --steps 40 --dtype bfloat16 --out out/
 
---model takes a diffusers folder, an sdjax training workdir or a single-file .safetensors checkpoint (it gets the
-built-in CLIP tokenizer, or --tokenizer DIR; --prediction-type v_prediction for SD 2.x 768-v); without it,
-models/shapes64.
+--model takes a diffusers folder (SD 1.x / 2.x or SDXL), an sdjax training workdir or a single-file .safetensors
+checkpoint (it gets the built-in CLIP tokenizer, or --tokenizer DIR; --prediction-type v_prediction for SD 2.x
+768-v); without it, models/shapes64. --sampler and --guidance default to the model's (SD: ddim, 7.5; SDXL: its
+scheduler's sampler, euler, and 5.0). With --refiner, the --model SDXL base runs the first --high-noise-frac of
+the schedule and the refiner the rest, on the base's latents (diffusers' "ensemble of expert denoisers").
 Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance in its text metadata) and
 grid.png, and prints the compile time and the time per image.
 """
@@ -45,8 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--negative-prompt", action="append", default=None, help="one for all, or one per prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampler")
+    parser.add_argument("--prompt-2", action="append", default=None, help="SDXL: second text encoder's prompt(s)")
+    parser.add_argument("--negative-prompt-2", action="append", default=None, help="SDXL: second encoder's negative")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    parser.add_argument("--sampler", default=None, choices=SAMPLERS, help="sampler (default: the model's)")
+    parser.add_argument("--refiner", default=None, help="SDXL refiner (folder or file) for the last denoising steps")
+    parser.add_argument("--high-noise-frac", type=float, default=0.8, help="with --refiner: the base's share")
     parser.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_ancestral, dpmpp_2m, heun)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses (seed, i)")
@@ -78,7 +86,12 @@ def check_args(args: argparse.Namespace) -> None:
     the output folder (created here if missing, so that a late failure to write cannot lose the images)."""
     from sdjax import pipeline
 
-    pipeline.check_generate_args(args.guidance, args.eta, args.strength, args.seed, args.num_images)
+    guidance = 1.0 if args.guidance is None else args.guidance
+    pipeline.check_generate_args(guidance, args.eta, args.strength, args.seed, args.num_images)
+    if args.refiner is not None and not 0 < args.high_noise_frac < 1:
+        raise ValueError(f"--high-noise-frac must be in (0, 1), got {args.high_noise_frac}")
+    if args.refiner is not None and args.init_image is not None:
+        raise ValueError("--refiner continues a text-to-image run; it does not take --init-image")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for name in ("height", "width"):
@@ -99,7 +112,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {out} is not a writable folder: {e.strerror}") from e
 
 
-def write_images(args: argparse.Namespace, model: Path, images: np.ndarray, negative: Any) -> Path:
+def write_images(args: argparse.Namespace, model: Path, images: np.ndarray, negative: Any, settings: dict) -> Path:
     """Saves images (N, H, W, 3) in [0, 1] as out/NNNN.png with their settings as PNG text, and out/grid.png."""
     from sdjax.images import image_grid, save_png
 
@@ -113,16 +126,82 @@ def write_images(args: argparse.Namespace, model: Path, images: np.ndarray, nega
             "negative_prompt": negatives[p],
             "seed": args.seed,
             "image_index": i,
-            "sampler": args.sampler + (" (karras)" if args.karras else ""),
+            "sampler": settings["sampler"] + (" (karras)" if args.karras else ""),
             "steps": args.steps,
-            "guidance": args.guidance,
+            "guidance": settings["guidance_scale"],
             "model": str(model),
         }
+        if args.refiner:
+            metadata.update(refiner=args.refiner, high_noise_frac=args.high_noise_frac)
         if args.init_image:
             metadata.update(init_image=args.init_image, strength=args.strength)
         save_png(image, out / f"{i:04d}.png", metadata)
     save_png(image_grid(images, cols=args.num_images if len(args.prompt) > 1 else None), out / "grid.png")
     return out
+
+
+def _one_or_list(values: list[str] | None) -> str | list[str] | None:
+    return values[0] if values is not None and len(values) == 1 else values
+
+
+def load_models(args: argparse.Namespace, model: Path) -> tuple[Any, Any]:
+    """The pipeline of --model (StableDiffusion or StableDiffusionXL) and the --refiner's (or None)."""
+    import sdjax
+
+    dtype = jnp.dtype(args.dtype)
+    options = {"tokenizer_path": args.tokenizer, "prediction_type": args.prediction_type}
+    pipe = sdjax.from_pretrained(model, dtype, **{k: v for k, v in options.items() if v is not None})
+    xl_only = {"--prompt-2": args.prompt_2, "--negative-prompt-2": args.negative_prompt_2, "--refiner": args.refiner}
+    given = [flag for flag, value in xl_only.items() if value is not None]
+    if given and not isinstance(pipe, sdjax.StableDiffusionXL):
+        raise ValueError(f"{', '.join(given)} apply to SDXL models; {model} is Stable Diffusion 1.x / 2.x")
+    if args.refiner is None:
+        return pipe, None
+    return pipe, sdjax.StableDiffusionXL.from_pretrained(args.refiner, dtype)
+
+
+def _settings(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """The sampler and guidance scale: the flags, else the model family's defaults."""
+    xl = hasattr(pipe, "default_sampler")
+    sampler = args.sampler or (pipe.default_sampler if xl else "ddim")
+    guidance = args.guidance if args.guidance is not None else (5.0 if xl else 7.5)
+    return {"sampler": sampler, "guidance_scale": guidance}
+
+
+def generate(args: argparse.Namespace, pipe: Any, refiner: Any, negative: Any, settings: dict) -> np.ndarray:
+    """Runs --model (and, with --refiner, the hand-off); float32 images (N, H, W, 3) in [0, 1]."""
+    common = dict(
+        negative_prompts=negative,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        eta=args.eta,
+        num_images_per_prompt=args.num_images,
+        use_karras_sigmas=args.karras or None,
+        progress=args.progress,
+        **settings,
+    )
+    if hasattr(pipe, "default_sampler"):
+        common.update(prompts_2=_one_or_list(args.prompt_2), negative_prompts_2=_one_or_list(args.negative_prompt_2))
+    if refiner is None:
+        return pipe.generate(
+            args.prompt, height=args.height, width=args.width, init_image=args.init_image, strength=args.strength,
+            **common,
+        )  # fmt: skip
+    latents = pipe.generate(
+        args.prompt, height=args.height, width=args.width, denoising_end=args.high_noise_frac, output="latent",
+        **common,
+    )  # fmt: skip
+    common["num_images_per_prompt"] = 1
+    common["negative_prompts"] = _repeat(negative, args.num_images)
+    for key in ("prompts_2", "negative_prompts_2"):
+        common[key] = _repeat(common[key], args.num_images)
+    prompts = _repeat(args.prompt, args.num_images)
+    return refiner.generate(prompts, denoising_start=args.high_noise_frac, init_image=latents, **common)
+
+
+def _repeat(values: Any, times: int) -> Any:
+    """A prompt list repeated per image (the refiner gets one prompt per latent); a string or None as it is."""
+    return values if values is None or isinstance(values, str) else [v for v in values for _ in range(times)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,41 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    negative = args.negative_prompt
-    if negative is not None and len(negative) == 1:
-        negative = negative[0]
+    negative = _one_or_list(args.negative_prompt)
     try:
         start = time.perf_counter()
-        pipe = sdjax.StableDiffusion.from_pretrained(
-            model, dtype=jnp.dtype(args.dtype), tokenizer_path=args.tokenizer, prediction_type=args.prediction_type
-        )
+        pipe, refiner = load_models(args, model)
         load_s = time.perf_counter() - start
         start = time.perf_counter()
-        images = pipe.generate(
-            args.prompt,
-            negative_prompts=negative,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            sampler=args.sampler,
-            seed=args.seed,
-            height=args.height,
-            width=args.width,
-            eta=args.eta,
-            num_images_per_prompt=args.num_images,
-            init_image=args.init_image,
-            strength=args.strength,
-            use_karras_sigmas=args.karras or None,
-            progress=args.progress,
-        )
+        settings = _settings(args, pipe)
+        images = generate(args, pipe, refiner, negative, settings)
         generate_s = time.perf_counter() - start
     except ValueError as e:  # sdjax's own errors are ValueErrors with a message that says what is accepted
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     start = time.perf_counter()
-    out = write_images(args, model, images, negative)
+    out = write_images(args, model, images, negative, settings)
     write_s = time.perf_counter() - start
-    t = pipe.last_timings
+    t = {k: pipe.last_timings[k] + (refiner.last_timings[k] if refiner else 0.0) for k in ("compile_s", "generate_s")}
     prepare_s = generate_s - t["compile_s"] - t["generate_s"]  # prompt encoding, planning, noise
     print(
         f"{len(images)} images {images.shape[2]}x{images.shape[1]} -> {out}/ | {t['generate_s'] / len(images):.2f} "

@@ -8,12 +8,13 @@ inputs (leading batch axis B):
   keys     uint32 key data (B, ...)   image i's PRNG key (see :func:`image_keys`)
   cond     dict of UNet keyword inputs, each (B, ...): {"encoder_hidden_states": (B, 77, D)}
   uncond   the same for the negative prompt (guided runs only)
-  init     float32 (B, H, W, 3) in [-1, 1], img2img only
+  init     float32 (B, H, W, 3) in [-1, 1], img2img only; with ``spec.init_latents`` diffusion latents
+           (B, h, w, C) instead (SDXL's refiner continuing the base model's output)
 
-and scalars ``{"guidance": f32, "eta": f32}`` shared by the batch. A new denoiser input lands here and nowhere
-else: added conditioning (SDXL text_embeds / time_ids) is one more entry of ``cond``; inpainting's mask and masked
-latents are inputs concatenated to the model's latents in :func:`guided_model`; ControlNet residuals are computed
-from their own input inside :func:`guided_model` and passed to the UNet.
+and scalars ``{"guidance": f32, "eta": f32, "guidance_rescale": f32}`` shared by the batch. A new denoiser input
+lands here and nowhere else: added conditioning (SDXL text_embeds / time_ids) is one more entry of ``cond``;
+inpainting's mask and masked latents are inputs concatenated to the model's latents in :func:`guided_model`;
+ControlNet residuals are computed from their own input inside :func:`guided_model` and passed to the UNet.
 """
 
 from __future__ import annotations
@@ -38,13 +39,20 @@ class DenoiseSpec:
     """What is static about a denoising run; with the input shapes and devices, the key of its compiled program.
 
     unet, vae: flax modules (hashable); plan: the sampler plan; guided: classifier-free guidance (two branches
-    per evaluation); img2img: start from ``inputs["init"]`` noised to the plan's first step."""
+    per evaluation); img2img: start from ``inputs["init"]`` noised to the plan's first step; init_latents: that
+    input is already latents (no VAE encode); add_noise: False starts from it as it is (a plan made with
+    ``denoising_start`` continuing another model's partly denoised latents); rescale: apply ``guidance_rescale``
+    (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4); decode: False returns the final latents, not images."""
 
     unet: Any
     vae: Any
     plan: samplers.SamplerPlan
     guided: bool
     img2img: bool = False
+    init_latents: bool = False
+    add_noise: bool = True
+    rescale: bool = False
+    decode: bool = True
 
 
 def image_keys(seed: int, n: int) -> jax.Array:
@@ -61,10 +69,21 @@ def _tagged(keys: jax.Array, tag: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, tag))(keys)
 
 
-def guided_model(spec: DenoiseSpec, params: Any, inputs: dict, guidance: jax.Array) -> samplers.ModelFn:
+def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale: jax.Array) -> jax.Array:
+    """Rescaled classifier-free guidance (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4), as diffusers'
+    ``rescale_noise_cfg``: the guided output scaled to the conditional output's per-example std, mixed with the
+    unscaled one by ``guidance_rescale`` in [0, 1]. guided, cond: (B, h, w, C) float32."""
+    axes = tuple(range(1, guided.ndim))
+    std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)  # torch.std is the unbiased estimate
+    std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+    return guidance_rescale * (guided * (std_cond / std_guided)) + (1 - guidance_rescale) * guided
+
+
+def guided_model(spec: DenoiseSpec, params: Any, inputs: dict, scalars: dict) -> samplers.ModelFn:
     """The sampler's model: (x (B, h, w, C) float32, t) -> float32 UNet output, with classifier-free guidance
-    uncond + guidance * (cond - uncond) when ``spec.guided`` (one UNet call on the 2B batch)."""
-    unet = spec.unet
+    uncond + guidance * (cond - uncond) when ``spec.guided`` (one UNet call on the 2B batch), rescaled by
+    ``scalars["guidance_rescale"]`` when ``spec.rescale``."""
+    unet, guidance = spec.unet, scalars["guidance"]
 
     def call(x, t, cond):
         return unet.apply({"params": params["unet"]}, x.astype(unet.dtype), t, **cond).astype(jnp.float32)
@@ -74,36 +93,43 @@ def guided_model(spec: DenoiseSpec, params: Any, inputs: dict, guidance: jax.Arr
             return call(x, t, inputs["cond"])
         both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), inputs["uncond"], inputs["cond"])
         out_uncond, out_cond = jnp.split(call(jnp.concatenate([x, x]), t, both), 2)
-        return out_uncond + guidance * (out_cond - out_uncond)
+        guided = out_uncond + guidance * (out_cond - out_uncond)
+        return rescale_guidance(guided, out_cond, scalars["guidance_rescale"]) if spec.rescale else guided
 
     return model_fn
 
 
 def start_latents(spec: DenoiseSpec, params: Any, inputs: dict) -> jax.Array:
     """x at the plan's first step, float32 (B, h, w, C): the scaled noise (txt2img), or the init image's
-    latents (a posterior sample) noised to that step (img2img)."""
+    latents (a posterior sample, or latents given as they are) noised to that step (img2img) unless
+    ``spec.add_noise`` is False."""
     if not spec.img2img:
         return samplers.initial_latents(spec.plan, inputs["noise"])
-    keys = _tagged(jax.random.wrap_key_data(inputs["keys"]), POSTERIOR)
-    vae, init = spec.vae, inputs["init"]
-    shape = latents.latent_shape(vae, init.shape[1], init.shape[2])
-    eps = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
-    return samplers.noised_latents(spec.plan, latents.encode(vae, params["vae"], init, eps), inputs["noise"])
+    if spec.init_latents:
+        x0 = inputs["init"].astype(jnp.float32)
+    else:
+        keys = _tagged(jax.random.wrap_key_data(inputs["keys"]), POSTERIOR)
+        vae, init = spec.vae, inputs["init"]
+        shape = latents.latent_shape(vae, init.shape[1], init.shape[2])
+        eps = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+        x0 = latents.encode(vae, params["vae"], init, eps)
+    return samplers.noised_latents(spec.plan, x0, inputs["noise"]) if spec.add_noise else x0
 
 
 def denoise(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, progress: Any = None) -> jax.Array:
     """The whole run: start latents, ``spec.plan`` as one ``lax.scan`` over the guided model, VAE decode.
 
     params: {"unet": ..., "vae": ...}; scalars: {"guidance", "eta"} float32 scalars; inputs: as the module
-    docstring. progress: optional host callback per evaluation. Returns float32 images (B, H, W, 3) in [0, 1].
+    docstring. progress: optional host callback per evaluation. Returns float32 images (B, H, W, 3) in [0, 1],
+    or, when ``spec.decode`` is False, the final float32 latents (B, h, w, C).
     """
     global TRACE_COUNT
     TRACE_COUNT += 1  # Python side effect: runs once per trace, never at run time (tested)
-    model_fn = guided_model(spec, params, inputs, scalars["guidance"])
+    model_fn = guided_model(spec, params, inputs, scalars)
     x = start_latents(spec, params, inputs)
     keys = _tagged(jax.random.wrap_key_data(inputs["keys"]), SAMPLER)
     x0 = samplers.sample(spec.plan, model_fn, x, keys, eta=scalars["eta"], progress=progress)
-    return latents.decode(spec.vae, params["vae"], x0)
+    return latents.decode(spec.vae, params["vae"], x0) if spec.decode else x0
 
 
 def attention_scores_bytes(unet: Any, batch: int, latent_height: int, latent_width: int) -> int:

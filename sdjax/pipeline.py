@@ -27,6 +27,7 @@ from sdjax.loading import folders, lora, textual_inversion
 
 __all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "PipelineError", "StableDiffusion", "check_generate_args", "read_image"]
 
+OUTPUTS = ("image", "latent")  # what generate() returns: decoded images, or the final diffusion latents
 # Weight dtypes save_pretrained writes (safetensors' numpy API has no bfloat16).
 _SAVE_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Largest image side generate() accepts (pixels): SDXL's 1024 four times over; the activations of bigger images
@@ -35,73 +36,31 @@ MAX_IMAGE_SIDE = 4096
 MAX_SEED = 2**63 - 1
 
 
-@dataclass
-class StableDiffusion:
-    """Stable Diffusion: text encoder, UNet, VAE, tokenizer and noise schedule, with their params.
-
-    Attributes:
-      unet, vae, text_encoder: flax.linen modules (``unet.apply({"params": p}, x_nhwc, t, context)``).
-      params: {"unet": ..., "vae": ..., "text_encoder": ...} parameter trees.
-      tokenizer: a transformers ``CLIPTokenizer``.
-      schedule: the :class:`sdjax.schedule.ScheduleConfig` read from ``scheduler/scheduler_config.json``.
-    """
+class DiffusionPipeline:
+    """What every family's pipeline shares: the generation core over :func:`sdjax.denoise.denoise` (argument
+    checks, plan, noise, init image or latents, one compiled program per shape, devices, memory checks) and
+    folder writing. A family class (:class:`StableDiffusion`, :class:`sdjax.sdxl.StableDiffusionXL`) adds its
+    networks, its prompt encoding (the UNet's conditioning inputs) and its ``generate`` signature."""
 
     unet: Any
     vae: Any
-    text_encoder: Any
     params: dict[str, Any]
-    tokenizer: Any
     schedule: schedule.ScheduleConfig
-    scheduler_class: str = "DDIMScheduler"
-    _replicated: dict[str, Any] = field(default_factory=dict, repr=False)
-    _compiled: dict[Any, Any] = field(default_factory=dict, repr=False)
-    last_timings: dict[str, float] = field(default_factory=dict, repr=False)
-    _lora: lora.LoraState | None = field(default=None, repr=False)  # add-ons: the loaded LoRAs
-
-    # ------------------------------------------------------------------------------------------- loading
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype: Any = jnp.float32,
-        variant: str | None = None,
-        *,
-        tokenizer_path: str | os.PathLike | None = None,
-        prediction_type: str | None = None,
-    ):
-        """Loads Stable Diffusion from a diffusers folder (model_index.json + component folders), an sdjax training
-        workdir (its latest checkpoint's EMA params) or a single-file LDM ``.safetensors`` checkpoint. A single
-        file holds no tokenizer: it gets the built-in CLIP tokenizer of its family (SD 1.x pads with
-        <|endoftext|>, SD 2.x with "!"), or the one in ``tokenizer_path``; v-prediction models (SD 2.x 768-v)
-        need ``prediction_type="v_prediction"``, which the weights do not record.
-
-        ``dtype`` is the params' and the compute dtype (float32 or bfloat16); the schedule and the sampler state
-        stay float32. ``variant`` picks ``*.{variant}.safetensors`` files (e.g. "fp16")."""
-        c = loading.load(path, dtype, variant, tokenizer_path=tokenizer_path, prediction_type=prediction_type)
-        return cls(**c.modules, params=c.params, tokenizer=c.tokenizer, schedule=c.schedule,
-                   scheduler_class=c.scheduler_class)  # fmt: skip
-
-    def save_pretrained(self, path: str | os.PathLike, dtype: str = "float32") -> None:
-        """Writes a diffusers-format folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads.
-
-        ``dtype`` is the stored weights' dtype, "float32" or "float16" (half the size; loading casts them to the
-        ``dtype`` passed to :meth:`from_pretrained`)."""
-        if dtype not in _SAVE_DTYPES:
-            raise PipelineError(f"cannot save weights as {dtype!r}; accepted: {', '.join(_SAVE_DTYPES)}")
-        if Path(path).exists() and not Path(path).is_dir():
-            raise PipelineError(f"{path} is a file; save_pretrained writes a folder")
-        folders.write_model_folder(
-            Path(path),
-            {name: (module, self.params[name]) for name, module in self.modules.items()},
-            tokenizer=self.tokenizer,
-            scheduler_config={"_class_name": self.scheduler_class, **self.schedule.to_dict()},
-            dtype=_SAVE_DTYPES[dtype],
-        )
+    scheduler_class: str
+    _replicated: dict[str, Any]
+    _compiled: dict[Any, Any]
+    last_timings: dict[str, float]
+    _lora: Any  # add-ons: the loaded LoRAs (sdjax.loading.lora.LoraState) or None
 
     @property
     def modules(self) -> dict[str, Any]:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        """The networks by component name ("unet", "vae", "text_encoder", ...)."""
+        raise NotImplementedError  # each family lists its own
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD), the VAE's ``downsampling_factor``."""
+        return self.vae.config.downsampling_factor
 
     # ------------------------------------------------------------------------------------------- add-ons
     # LoRA and textual inversion: thin methods over sdjax.loading.lora / .textual_inversion ("params in, params
@@ -135,101 +94,136 @@ class StableDiffusion:
         self.params, self._lora = lora.merged_params(state), state
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> None:
-        """Loads an A1111 (``emb_params``) or diffusers (``{token: vectors}``) embedding ``.safetensors``: the
-        tokenizer gets ``token`` (default: the diffusers file's token, the A1111 file's name) and, for an
-        n-vector embedding, ``token_1 .. token_{n-1}``; the text encoder's embedding table grows by n rows.
-        Prompts containing ``token`` use all n vectors (see :func:`textual_inversion.expand_prompt`)."""
-        tokens, vectors = textual_inversion.read_embedding(path, token, self.tokenizer, self.text_encoder)
-        self.text_encoder, params = textual_inversion.grow_token_embedding(
-            self.text_encoder, self.params["text_encoder"], self.tokenizer, tokens, vectors
-        )
-        if self._lora is not None:  # a later re-merge starts from the base params: they need the new rows too
-            _, base = textual_inversion.grow_token_embedding(
-                self.text_encoder, self._lora.base["text_encoder"], self.tokenizer, tokens, vectors
+        """Loads an A1111 (``emb_params``) or diffusers (``{token: vectors}``) embedding ``.safetensors`` (SDXL:
+        its ``clip_l`` / ``clip_g`` parts into the matching text encoders): each tokenizer gets ``token``
+        (default: the diffusers file's token, the A1111 file's name) and, for an n-vector embedding,
+        ``token_1 .. token_{n-1}``; each text encoder's embedding table grows by n rows. Prompts containing
+        ``token`` use all n vectors (see :func:`textual_inversion.expand_prompt`). Nothing changes when it
+        raises PipelineError."""
+        read = [
+            (encoder, tokenizer_name, textual_inversion.read_embedding(
+                path, token, self._tokenizer(tokenizer_name), getattr(self, encoder), part
+            ))
+            for encoder, tokenizer_name, part in self.text_encoder_slots
+        ]  # fmt: skip
+        for encoder, tokenizer_name, (tokens, vectors) in read:
+            tok = self._tokenizer(tokenizer_name)
+            module, params = textual_inversion.grow_token_embedding(
+                getattr(self, encoder), self.params[encoder], tok, tokens, vectors
             )
-            self._lora = lora.with_base(self._lora, "text_encoder", base)
-        self.params = {**self.params, "text_encoder": params}
-        self.tokenizer = textual_inversion.add_tokens(self.tokenizer, tokens)
+            if self._lora is not None:  # a later re-merge starts from the base params: they need the new rows too
+                _, base = textual_inversion.grow_token_embedding(
+                    getattr(self, encoder), self._lora.base[encoder], tok, tokens, vectors
+                )
+                self._lora = lora.with_base(self._lora, encoder, base)
+            setattr(self, encoder, module)
+            self.params = {**self.params, encoder: params}
+            self._set_tokenizer(tokenizer_name, textual_inversion.add_tokens(tok, tokens))
 
     @property
-    def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel (8 for SD), the VAE's ``downsampling_factor``."""
-        return self.vae.config.downsampling_factor
+    def text_encoder_slots(self) -> list[tuple[str, str, str | None]]:
+        """(text encoder attribute, tokenizer name, SDXL embedding part) per text encoder of the pipeline."""
+        raise NotImplementedError  # each family lists its own
 
-    # ------------------------------------------------------------------------------------------- prompts
+    def _tokenizer(self, name: str) -> Any:
+        raise NotImplementedError
 
-    def encode_prompt(self, prompts: list[str]) -> jax.Array:
-        """Prompts -> text embeddings (B, 77, D) in the text encoder's dtype; over-long prompts are truncated
-        with a warning."""
-        prompts = [textual_inversion.expand_prompt(self.tokenizer, p) for p in prompts]
-        ids = tokenizer.tokenize(self.tokenizer, prompts)
-        return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids))
+    def _set_tokenizer(self, name: str, tok: Any) -> None:
+        raise NotImplementedError
 
-    def _conditions(self, prompts: list[str], negative_prompts: list[str], guided: bool) -> dict[str, Any]:
-        """The UNet's conditioning inputs of the prompts (and, guided, of the negative prompts)."""
-        conditions = {"cond": {"encoder_hidden_states": self.encode_prompt(prompts)}}
-        if guided:
-            conditions["uncond"] = {"encoder_hidden_states": self.encode_prompt(negative_prompts)}
-        return conditions
-
-    # ------------------------------------------------------------------------------------------- generation
-
-    def generate(
+    def _sample(
         self,
-        prompts: str | list[str],
-        negative_prompts: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        sampler: str = "ddim",
-        seed: int = 0,
-        height: int | None = None,
-        width: int | None = None,
-        latents: np.ndarray | jax.Array | None = None,
-        eta: float = 0.0,
+        conditions: Any,
+        n: int,
         *,
-        num_images_per_prompt: int = 1,
-        init_image: Any = None,
-        strength: float = 0.75,
-        use_karras_sigmas: bool | None = None,
-        progress: bool = False,
+        num_inference_steps: int,
+        guidance_scale: float,
+        sampler: str,
+        seed: int,
+        height: int | None,
+        width: int | None,
+        latents: Any,
+        eta: float,
+        init_image: Any,
+        strength: float,
+        use_karras_sigmas: bool | None,
+        progress: bool,
+        guidance_rescale: float = 0.0,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        output: str = "image",
     ) -> np.ndarray:
-        """Text-to-image (and image-to-image with ``init_image``).
-
-        Args:
-          prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
-          negative_prompts: one per prompt (or one for all); "" when None.
-          guidance_scale: classifier-free guidance weight; <= 1 runs the conditional branch only.
-          sampler: one of :data:`sdjax.samplers.SAMPLERS`.
-          seed: image i's noise depends only on (seed, i), whatever the number of devices.
-          latents: optional initial standard-normal noise (N, H/8, W/8, C), scaled by the sampler's initial sigma.
-          init_image: path, PIL image or array (H, W, 3) (uint8, or float in [0, 1]) for img2img; ``strength`` in
-            (0, 1] is the fraction of the schedule re-run on it.
-        Returns:
-          np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) * num_images_per_prompt.
-        """
-        prompts = _prompt_list("prompts", prompts)
-        check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
+        """The generation core: ``n`` images (or latents), conditioned by ``conditions(guided, height, width)``, a
+        family's function returning ``{"cond": {...}, "uncond": {...}}`` of UNet keyword inputs (B = n, the
+        prompts already repeated per image). Other arguments as ``StableDiffusion.generate``."""
+        check_generate_args(guidance_scale, eta, strength, seed, 1)
+        _finite_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
         if use_karras_sigmas is not None and not isinstance(use_karras_sigmas, bool):
             raise PipelineError(f"use_karras_sigmas must be True, False or None, got {use_karras_sigmas!r}")
-        negative_prompts = _negative_prompts(negative_prompts, len(prompts))
+        if output not in OUTPUTS:
+            raise PipelineError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
+        init_latents = _is_latents(init_image)
+        if init_latents and height is None and width is None:
+            height, width = (side * self.vae_scale_factor for side in np.shape(init_image)[1:3])
         height, width = self._image_size(height, width)
-        self._check_host_memory(len(prompts) * num_images_per_prompt, height, width)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negative_prompts = [p for p in negative_prompts for _ in range(num_images_per_prompt)]
+        self._check_host_memory(n, height, width)
         img2img = init_image is not None
-        plan = _plan(self.schedule, sampler, num_inference_steps, strength if img2img else 1.0, use_karras_sigmas)
-        spec = denoise.DenoiseSpec(self.unet, self.vae, plan, guided=guidance_scale > 1.0, img2img=img2img)
-        keys = denoise.image_keys(seed, len(prompts))
+        if denoising_start is not None and not img2img:
+            raise PipelineError(
+                "denoising_start continues a partly denoised run: pass its latents as init_image (the output of "
+                'generate(..., denoising_end=..., output="latent"))'
+            )
+        plan = _plan(
+            self.schedule,
+            sampler,
+            num_inference_steps,
+            strength if img2img and denoising_start is None else 1.0,  # denoising_start replaces strength
+            use_karras_sigmas,
+            denoising_start,
+            denoising_end,
+        )
+        guided = guidance_scale > 1.0
+        spec = denoise.DenoiseSpec(
+            self.unet,
+            self.vae,
+            plan,
+            guided=guided,
+            img2img=img2img,
+            init_latents=init_latents,
+            add_noise=denoising_start is None,
+            rescale=guided and guidance_rescale > 0,
+            decode=output == "image",
+        )
+        keys = denoise.image_keys(seed, n)
+        shape = latents_lib.latent_shape(self.vae, height, width)
         inputs = {
-            "noise": self._initial_noise(latents, keys, latents_lib.latent_shape(self.vae, height, width)),
+            "noise": self._initial_noise(latents, keys, shape),
             "keys": jax.random.key_data(keys),
-            **self._conditions(prompts, negative_prompts, spec.guided),
+            **conditions(guided, height, width),
         }
         if img2img:
-            init = load_image(init_image, height, width)
-            inputs["init"] = jnp.broadcast_to(init, (len(prompts), *init.shape))
-        scalars = {"guidance": jnp.float32(guidance_scale), "eta": jnp.float32(eta)}
+            inputs["init"] = self._init_input(init_image, n, height, width, shape if init_latents else None)
+        scalars = {
+            "guidance": jnp.float32(guidance_scale),
+            "eta": jnp.float32(eta),
+            "guidance_rescale": jnp.float32(guidance_rescale),
+        }
         return self._run(spec, scalars, inputs, progress)
+
+    def _init_input(self, init_image: Any, n: int, height: int, width: int, latent_shape: tuple | None) -> jax.Array:
+        """The img2img start, (n, H, W, 3) images in [-1, 1], or (n, h, w, C) latents when ``latent_shape``."""
+        if latent_shape is None:
+            init = load_image(init_image, height, width)
+            return jnp.broadcast_to(init, (n, *init.shape))
+        init = np.asarray(init_image, np.float32)
+        if init.shape[1:] != latent_shape or init.shape[0] not in (1, n):
+            raise PipelineError(
+                f"init latents must have shape ({n}, {', '.join(map(str, latent_shape))}) (or a leading 1) for "
+                f"{n} images of {height}x{width}, got {init.shape}"
+            )
+        if not np.isfinite(init).all():
+            raise PipelineError("init latents contain NaN or inf")
+        return jnp.broadcast_to(jnp.asarray(init), (n, *latent_shape))
 
     def _run(self, spec: denoise.DenoiseSpec, scalars: dict, inputs: dict, progress: bool) -> np.ndarray:
         """Runs the compiled denoise function on the batch split over the local devices; float32 (N, H, W, 3)."""
@@ -290,9 +284,8 @@ class StableDiffusion:
         """PipelineError when the inputs and outputs of ``n`` images alone (text embeddings of both branches,
         latents, float32 images on device and host) exceed the host's memory."""
         h, w, c = latents_lib.latent_shape(self.vae, height, width)
-        per_image = 4 * (
-            2 * tokenizer.MAX_LENGTH * self.text_encoder.config.hidden_size + 4 * h * w * c + 2 * height * width * 3
-        )
+        context = max(self.unet.config.cross_attention_dims())
+        per_image = 4 * (2 * tokenizer.MAX_LENGTH * context + 4 * h * w * c + 2 * height * width * 3)
         have = host_memory_bytes()
         if have is not None and n * per_image > have:
             raise PipelineError(
@@ -324,6 +317,181 @@ class StableDiffusion:
             self._replicated.clear()  # the cache holds ``wanted`` too, so the ids stay unique while it is used
             self._replicated[key] = (wanted, parallel.replicate(wanted, devices))
         return self._replicated[key][1]
+
+    def _write_folder(self, path: str | os.PathLike, dtype: str, layout: Any, tokenizers: dict, options: dict) -> None:
+        if dtype not in _SAVE_DTYPES:
+            raise PipelineError(f"cannot save weights as {dtype!r}; accepted: {', '.join(_SAVE_DTYPES)}")
+        if Path(path).exists() and not Path(path).is_dir():
+            raise PipelineError(f"{path} is a file; save_pretrained writes a folder")
+        folders.write_model_folder(
+            Path(path),
+            {name: (module, self.params[name]) for name, module in self.modules.items()},
+            scheduler_config={"_class_name": self.scheduler_class, **self.schedule.to_dict()},
+            dtype=_SAVE_DTYPES[dtype],
+            layout=layout,
+            tokenizers=tokenizers,
+            options=options,
+        )
+
+
+@dataclass
+class StableDiffusion(DiffusionPipeline):
+    """Stable Diffusion: text encoder, UNet, VAE, tokenizer and noise schedule, with their params.
+
+    Attributes:
+      unet, vae, text_encoder: flax.linen modules (``unet.apply({"params": p}, x_nhwc, t, context)``).
+      params: {"unet": ..., "vae": ..., "text_encoder": ...} parameter trees.
+      tokenizer: a transformers ``CLIPTokenizer``.
+      schedule: the :class:`sdjax.schedule.ScheduleConfig` read from ``scheduler/scheduler_config.json``.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    params: dict[str, Any]
+    tokenizer: Any
+    schedule: schedule.ScheduleConfig
+    scheduler_class: str = "DDIMScheduler"
+    _replicated: dict[str, Any] = field(default_factory=dict, repr=False)
+    _compiled: dict[Any, Any] = field(default_factory=dict, repr=False)
+    last_timings: dict[str, float] = field(default_factory=dict, repr=False)
+    _lora: lora.LoraState | None = field(default=None, repr=False)  # add-ons: the loaded LoRAs
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: Any = jnp.float32,
+        variant: str | None = None,
+        *,
+        tokenizer_path: str | os.PathLike | None = None,
+        prediction_type: str | None = None,
+    ):
+        """Loads Stable Diffusion from a diffusers folder (model_index.json + component folders), an sdjax training
+        workdir (its latest checkpoint's EMA params) or a single-file LDM ``.safetensors`` checkpoint. A single
+        file holds no tokenizer: it gets the built-in CLIP tokenizer of its family (SD 1.x pads with
+        <|endoftext|>, SD 2.x with "!"), or the one in ``tokenizer_path``; v-prediction models (SD 2.x 768-v)
+        need ``prediction_type="v_prediction"``, which the weights do not record.
+
+        ``dtype`` is the params' and the compute dtype (float32 or bfloat16); the schedule and the sampler state
+        stay float32. ``variant`` picks ``*.{variant}.safetensors`` files (e.g. "fp16")."""
+        c = loading.load(
+            path, dtype, variant, tokenizer_path=tokenizer_path, prediction_type=prediction_type, family="sd"
+        )
+        return cls(**c.modules, params=c.params, tokenizer=c.tokenizer, schedule=c.schedule,
+                   scheduler_class=c.scheduler_class)  # fmt: skip
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: str = "float32") -> None:
+        """Writes a diffusers-format folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads.
+
+        ``dtype`` is the stored weights' dtype, "float32" or "float16" (half the size; loading casts them to the
+        ``dtype`` passed to :meth:`from_pretrained`)."""
+        self._write_folder(path, dtype, folders.SD, {"tokenizer": self.tokenizer}, {})
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    @property
+    def text_encoder_slots(self) -> list[tuple[str, str, str | None]]:
+        return [("text_encoder", "tokenizer", None)]
+
+    def _tokenizer(self, name: str) -> Any:
+        return self.tokenizer
+
+    def _set_tokenizer(self, name: str, tok: Any) -> None:
+        self.tokenizer = tok
+
+    # ------------------------------------------------------------------------------------------- prompts
+
+    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> jax.Array:
+        """Prompts -> text embeddings (B, 77, D) in the text encoder's dtype; over-long prompts are truncated
+        with a warning. ``clip_skip`` k >= 1 takes the output of the k-th layer from the end (then the final
+        layer norm), as diffusers."""
+        prompts = [textual_inversion.expand_prompt(self.tokenizer, p) for p in prompts]
+        ids = tokenizer.tokenize(self.tokenizer, prompts)
+        layer = None if clip_skip is None else -(_check_clip_skip(clip_skip, self.text_encoder) + 1)
+        return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids), layer)
+
+    def _conditions(
+        self, prompts: list[str], negative_prompts: list[str], guided: bool, clip_skip: int | None = None
+    ) -> dict[str, Any]:
+        """The UNet's conditioning inputs of the prompts (and, guided, of the negative prompts)."""
+        conditions = {"cond": {"encoder_hidden_states": self.encode_prompt(prompts, clip_skip)}}
+        if guided:
+            conditions["uncond"] = {"encoder_hidden_states": self.encode_prompt(negative_prompts, clip_skip)}
+        return conditions
+
+    # ------------------------------------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        negative_prompts: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        sampler: str = "ddim",
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        latents: np.ndarray | jax.Array | None = None,
+        eta: float = 0.0,
+        *,
+        num_images_per_prompt: int = 1,
+        init_image: Any = None,
+        strength: float = 0.75,
+        use_karras_sigmas: bool | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        output: str = "image",
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Text-to-image (and image-to-image with ``init_image``).
+
+        Args:
+          prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
+          negative_prompts: one per prompt (or one for all); "" when None.
+          guidance_scale: classifier-free guidance weight; <= 1 runs the conditional branch only.
+          sampler: one of :data:`sdjax.samplers.SAMPLERS`.
+          seed: image i's noise depends only on (seed, i), whatever the number of devices.
+          latents: optional initial standard-normal noise (N, H/8, W/8, C), scaled by the sampler's initial sigma.
+          init_image: path, PIL image or array (H, W, 3) (uint8, or float in [0, 1]) for img2img, or diffusion
+            latents (N, H/8, W/8, C); ``strength`` in (0, 1] is the fraction of the schedule re-run on it.
+          guidance_rescale: in [0, 1], rescales the guided prediction towards the conditional one's std (Lin et
+            al. 2023, Sec. 3.4), as diffusers; 0 is off.
+          clip_skip: use the text encoder's k-th layer from the end (k >= 1), as diffusers.
+          output: "image", or "latent" for the final diffusion latents (N, H/8, W/8, C) without decoding.
+        Returns:
+          np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) * num_images_per_prompt.
+        """
+        prompts = _prompt_list("prompts", prompts)
+        check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
+        negative_prompts = _negative_prompts(negative_prompts, len(prompts))
+        prompts, negative_prompts = (_repeat(p, num_images_per_prompt) for p in (prompts, negative_prompts))
+
+        def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:
+            return self._conditions(prompts, negative_prompts, guided, clip_skip)
+
+        return self._sample(
+            conditions,
+            len(prompts),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            seed=seed,
+            height=height,
+            width=width,
+            latents=latents,
+            eta=eta,
+            init_image=init_image,
+            strength=strength,
+            use_karras_sigmas=use_karras_sigmas,
+            progress=progress,
+            guidance_rescale=guidance_rescale,
+            output=output,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -416,16 +584,54 @@ def _negative_prompts(negative_prompts: str | list[str] | None, n: int) -> list[
     return list(negative_prompts)
 
 
+def _repeat(items: list[str], times: int) -> list[str]:
+    return [item for item in items for _ in range(times)]
+
+
+def _is_latents(init: Any) -> bool:
+    """Whether an img2img input is diffusion latents (a 4-d array (N, h, w, C)) rather than an image."""
+    return isinstance(init, (np.ndarray, jax.Array)) and np.ndim(init) == 4
+
+
+def _check_clip_skip(clip_skip: Any, text_encoder: Any) -> int:
+    layers = text_encoder.config.num_hidden_layers
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or not 1 <= clip_skip < layers:
+        raise PipelineError(
+            f"clip_skip must be None or an int in [1, {layers - 1}] (text encoder layers), got {clip_skip!r}"
+        )
+    return int(clip_skip)
+
+
 @functools.lru_cache(maxsize=32)
-def _plan(cfg: schedule.ScheduleConfig, sampler: str, steps: int, strength: float, karras: bool | None):
+def _plan(
+    cfg: schedule.ScheduleConfig,
+    sampler: str,
+    steps: int,
+    strength: float,
+    karras: bool | None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
+):
     if sampler not in samplers.SAMPLERS:
         raise PipelineError(f"unknown sampler {sampler!r}; choose one of: {', '.join(samplers.SAMPLERS)}")
     try:
-        return samplers.make_plan(cfg, sampler, steps, strength=strength, use_karras_sigmas=karras)
+        return samplers.make_plan(
+            cfg,
+            sampler,
+            steps,
+            strength=strength,
+            use_karras_sigmas=karras,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
+        )
     except ValueError as e:  # one error class for every bad generate() argument
         raise PipelineError(str(e)) from e
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_text(text_encoder: Any, params: Any, input_ids: jax.Array) -> jax.Array:
-    return text_encoder.apply({"params": params}, input_ids)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode_text(text_encoder: Any, params: Any, input_ids: jax.Array, layer: int | None = None) -> jax.Array:
+    """Token ids (B, T) -> (B, T, D): the last hidden state, or hidden state ``layer`` then the final layer norm."""
+    if layer is None:
+        return text_encoder.apply({"params": params}, input_ids)
+    _, hidden_states = text_encoder.apply({"params": params}, input_ids, output_hidden_states=True)
+    return text_encoder.apply({"params": params}, hidden_states[layer], method=text_encoder.apply_final_layer_norm)

@@ -87,6 +87,8 @@ def make_plan(
     *,
     strength: float = 1.0,
     use_karras_sigmas: bool | None = None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
 ) -> SamplerPlan:
     """Plans ``num_steps`` steps of ``sampler`` as diffusers would with ``cfg`` (an SD scheduler config).
 
@@ -95,6 +97,11 @@ def make_plan(
     ddim with "leading", as diffusers does. strength < 1 is img2img: only the last ``int(num_steps * strength)``
     steps run, as diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``. ``use_karras_sigmas`` defaults to
     the config's value (for the classes that read it); passing True for a sampler without sigmas is an error.
+
+    ``denoising_start`` / ``denoising_end`` in (0, 1) split one schedule between two models, as diffusers' SDXL
+    "ensemble of expert denoisers": the end keeps the evaluations at timesteps >= round(T (1 - end)), the start
+    keeps those below round(T (1 - start)) (a second-order sampler never starts between its two evaluations of
+    one step), and replaces ``strength``.
     """
     if sampler not in REGISTRY:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
@@ -112,6 +119,11 @@ def make_plan(
     if sampler == "pndm" and cfg.prediction_type == "sample":
         raise ValueError("pndm accepts prediction_type epsilon or v_prediction, not 'sample'")
     karras = cfg.use_karras_sigmas if use_karras_sigmas is None else use_karras_sigmas
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            raise ValueError(f"{name} must be a number in (0, 1) (a fraction of the schedule), got {value!r}")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
     t_start = num_steps - int(num_steps * strength)
     with jax.ensure_compile_time_eval():  # plans are host data, even when made inside a jit trace
         ac = np.asarray(schedule.alphas_cumprod(cfg))
@@ -123,7 +135,39 @@ def make_plan(
         prediction_type=cfg.prediction_type,
         clip_sample_range=cfg.clip_sample_range if cfg.clip_sample else None,
     )
-    return record.plan(cfg, ac, num_steps, t_start, karras, common)
+    if denoising_start is not None:
+        t_start = _start_step(record, record.plan(cfg, ac, num_steps, 0, karras, common), cfg, denoising_start)
+    plan = record.plan(cfg, ac, num_steps, t_start, karras, common)
+    if denoising_end is not None:
+        cutoff = _cutoff(cfg, denoising_end)
+        kept = sum(t >= cutoff for t in plan.timesteps)
+        if kept == 0:
+            raise ValueError(f"denoising_end={denoising_end} leaves no evaluation of {num_steps} {sampler} steps")
+        plan = _first_rows(plan, kept)
+    return plan
+
+
+def _cutoff(cfg: ScheduleConfig, fraction: float) -> int:
+    """The discrete timestep where a fraction of the schedule is done (diffusers' ``discrete_timestep_cutoff``)."""
+    return int(round(cfg.num_train_timesteps - fraction * cfg.num_train_timesteps))
+
+
+def _start_step(record: Sampler, full: SamplerPlan, cfg: ScheduleConfig, denoising_start: float) -> int:
+    """The first step run when starting at ``denoising_start`` (diffusers' SDXL img2img ``get_timesteps``)."""
+    kept = sum(t < _cutoff(cfg, denoising_start) for t in full.timesteps)
+    if record.order == 2 and kept % 2 == 0:
+        kept += 1  # start on a predictor evaluation, not between a step's two evaluations
+    if kept == 0:
+        raise ValueError(f"denoising_start={denoising_start} leaves no evaluation of the {record.name} schedule")
+    return (full.num_evaluations - kept) // record.order
+
+
+_ROW_FIELDS = ("timesteps", "c_in", "modes", "alphas_t", "alphas_prev", "sigmas", "sigmas_next", "sigmas_prev")
+
+
+def _first_rows(plan: SamplerPlan, n: int) -> SamplerPlan:
+    """The plan cut after its first ``n`` evaluations."""
+    return dataclasses.replace(plan, **{f: getattr(plan, f)[:n] for f in _ROW_FIELDS})
 
 
 def _alpha_at(ac: np.ndarray, t: np.ndarray, final: float) -> np.ndarray:
@@ -381,6 +425,7 @@ class Sampler:
     initial_state: Callable[[jnp.ndarray], Any]
     stochastic: bool = False
     karras: bool = False
+    order: int = 1  # model evaluations per step
 
 
 REGISTRY: dict[str, Sampler] = {
@@ -400,11 +445,17 @@ REGISTRY: dict[str, Sampler] = {
             karras=True,
         ),
         Sampler("dpmpp_2m", "DPMSolverMultistepScheduler", _plan_dpmpp_2m, step_dpmpp_2m, _dpm_state, karras=True),
-        Sampler("heun", "HeunDiscreteScheduler", _plan_heun, step_heun, _heun_state, karras=True),
+        Sampler("heun", "HeunDiscreteScheduler", _plan_heun, step_heun, _heun_state, karras=True, order=2),
     )
 }
 SAMPLERS: tuple[str, ...] = tuple(REGISTRY)
 KARRAS_SAMPLERS: tuple[str, ...] = tuple(name for name, s in REGISTRY.items() if s.karras)
+
+
+def sampler_for_class(scheduler_class: str, default: str = "ddim") -> str:
+    """The sampler that reproduces a diffusers scheduler class (``EulerDiscreteScheduler`` -> "euler"); ``default``
+    for classes sdjax has no sampler for."""
+    return next((name for name, s in REGISTRY.items() if s.scheduler_class == scheduler_class), default)
 
 
 # ------------------------------------------------------------------------------------------------ public loop

@@ -56,3 +56,22 @@ def tiny_pipe(tiny_model):
     import sdjax
 
     return sdjax.StableDiffusion.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """(diffusers StableDiffusionXLPipeline, its folder) of ``tests.reference.tiny_sdxl_pipeline()``, shared by
+    the session. Read only, as ``tiny_model``."""
+    from tests.reference import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    return tiny_sdxl_pipeline(folder), folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory):
+    """(diffusers StableDiffusionXLImg2ImgPipeline, its folder): the tiny SDXL refiner, shared by the session."""
+    from tests.reference import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl_refiner")
+    return tiny_sdxl_pipeline(folder, refiner=True), folder

@@ -193,8 +193,11 @@ def test_path_errors(tmp_path):
         sdjax.StableDiffusion.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="no model_index.json"):
         sdjax.StableDiffusion.from_pretrained(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionKandinskyPipeline"}))
+    with pytest.raises(ValueError, match="'StableDiffusionKandinskyPipeline'; supported: StableDiffusionPipeline"):
+        sdjax.StableDiffusion.from_pretrained(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ValueError, match="'StableDiffusionXLPipeline'; supported: StableDiffusionPipeline"):
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline folder .* sdjax.StableDiffusionXL.from_pretrained"):
         sdjax.StableDiffusion.from_pretrained(tmp_path)
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
     index |= {"vae": ["diffusers", "AutoencoderTiny"], "text_encoder": ["transformers", "CLIPTextModel"]}

@@ -60,9 +60,10 @@ def test_plan_matches_diffusers_scheduler(name, sampler, karras, steps, strength
         np.testing.assert_allclose(plan.alphas_prev, expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", PUBLISHED)
+@pytest.mark.parametrize("name", [n for n in PUBLISHED if not n.startswith("sdxl")])
 def test_published_configs_leave_timestep_spacing_to_the_sampler_class(name):
-    """The reason for per-class defaults: the same published file spaces euler and ddim differently."""
+    """The reason for per-class defaults: the same published SD 1.x / 2.x file spaces euler and ddim differently.
+    (SDXL's scheduler config sets timestep_spacing "leading" itself.)"""
     config = published_config(name, "scheduler")
     assert "timestep_spacing" not in config
     euler = samplers.make_plan(ScheduleConfig.from_dict(config), "euler", 10)

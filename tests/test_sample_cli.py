@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -56,3 +57,22 @@ def test_unknown_sampler_is_rejected_listing_choices(tiny_model, tmp_path, capsy
 def test_missing_model_path_is_one_line(tmp_path, capsys):
     assert sample.main(["--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_sdxl_base_and_refiner_hand_off(tiny_sdxl, tiny_sdxl_refiner, tmp_path, capsys):
+    (_, base), (_, refiner) = tiny_sdxl, tiny_sdxl_refiner
+    args = ["--prompt", "a red circle", "--num-images", "2", "--refiner", str(refiner), "--high-noise-frac", "0.7"]
+    assert run(base, tmp_path, *args, "--prompt-2", "blurry") == 0
+    info = Image.open(tmp_path / "0001.png").text
+    assert (info["sampler"], info["guidance"], info["high_noise_frac"]) == ("euler", "5.0", "0.7")
+    assert info["refiner"] == str(refiner)
+    alone = tmp_path / "alone"
+    assert run(base, alone, "--prompt", "a red circle", "--num-images", "2") == 0
+    with_refiner, without = (np.asarray(Image.open(d / "0001.png"), np.float32) for d in (tmp_path, alone))
+    assert np.abs(with_refiner - without).max() > 10  # the refiner ran the last 30% on its own weights
+
+
+def test_sdxl_flags_on_an_sd_model_are_one_line(tiny_model, tiny_sdxl_refiner, tmp_path, capsys):
+    assert run(tiny_model, tmp_path, "--prompt", "x", "--refiner", str(tiny_sdxl_refiner[1])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--refiner apply to SDXL models" in err and "\n" not in err

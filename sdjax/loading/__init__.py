@@ -2,7 +2,8 @@
 
 :func:`load` is the one entry point (``StableDiffusion.from_pretrained`` calls it); :mod:`.folders` reads and
 writes diffusers folders, :mod:`.single_file` reads original LDM ``.safetensors`` checkpoints (names converted by
-:mod:`.ldm_names`). Add-ons that modify loaded params (LoRA, textual inversion) belong in this package too.
+:mod:`.ldm_names`), :mod:`.single_file_xl` Stability AI's SDXL ones (:mod:`.ldm_names_xl`). Add-ons that modify
+loaded params (LoRA, textual inversion) belong in this package too.
 """
 
 from __future__ import annotations
@@ -14,21 +15,28 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sdjax import schedule, tokenizer
+from sdjax import schedule, tokenizer, weights
 from sdjax.errors import PipelineError
 from sdjax.loading import folders
 
 
 @dataclasses.dataclass
 class Components:
-    """A loaded Stable Diffusion: modules and params per network ("unet", "vae", "text_encoder"), the tokenizer,
-    the scheduler config and its diffusers class name."""
+    """A loaded Stable Diffusion: modules and params per network ("unet", "vae", "text_encoder", SDXL's
+    "text_encoder_2"), the tokenizer(s) by folder name, the scheduler config and its diffusers class name, the
+    family ("sd" / "sdxl") and the model_index options the family reads."""
 
     modules: dict[str, Any]
     params: dict[str, Any]
-    tokenizer: Any
+    tokenizers: dict[str, Any]
     schedule: schedule.ScheduleConfig
     scheduler_class: str
+    family: str = "sd"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers.get("tokenizer")
 
 
 def load(
@@ -38,9 +46,13 @@ def load(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    family: str | None = None,
+    config: str | os.PathLike | None = None,
 ) -> Components:
     """Loads a diffusers folder, an sdjax workdir (its latest checkpoint's EMA params over ``DIR/model/``) or a
-    single-file LDM ``.safetensors`` checkpoint. See ``StableDiffusion.from_pretrained`` for the arguments."""
+    single-file LDM ``.safetensors`` checkpoint (SD 1.x / 2.x or SDXL). See ``StableDiffusion.from_pretrained`` for
+    the arguments; ``family`` ("sd" / "sdxl") refuses, in one line, a model of the other family; ``config``: a
+    diffusers SDXL folder whose configs and tokenizers an SDXL single file is read with (see :mod:`.single_file_xl`)."""
     check_dtype(dtype)
     path = Path(path)
     if not path.exists():
@@ -48,12 +60,33 @@ def load(
             f"model path {path} does not exist; expected a diffusers folder, sdjax workdir or .safetensors file"
         )
     if path.is_file():
-        return _from_single_file(path, dtype, tokenizer_path, prediction_type)
+        return _from_file(path, dtype, family, tokenizer_path, prediction_type, config)
+    if config is not None:
+        raise PipelineError(f"config={config} is read for single-file SDXL checkpoints only; {path} is a folder")
     from sdjax import checkpoint  # imports orbax: only needed for workdirs
 
     if checkpoint.is_workdir(path):
-        return _from_folder(path / checkpoint.MODEL_DIR, dtype, variant, checkpoint.load_trained_params(path))
-    return _from_folder(path, dtype, variant)
+        model = path / checkpoint.MODEL_DIR
+        folders.read_model_index(model, family)  # the family check before reading the checkpoint
+        return _from_folder(model, dtype, variant, checkpoint.load_trained_params(path), family)
+    return _from_folder(path, dtype, variant, family=family)
+
+
+def family_of(path: str | os.PathLike) -> str:
+    """ "sd" or "sdxl": the family of a diffusers folder or sdjax workdir (from model_index.json) or of a
+    single-file checkpoint (from its keys, reading only the header)."""
+    path = Path(path)
+    if path.is_dir():
+        from sdjax import checkpoint
+
+        folder = path / checkpoint.MODEL_DIR if checkpoint.is_workdir(path) else path
+        index = folders.read_model_index(folder)
+        return folders.layout_of(index, folder).family
+    if not path.is_file():
+        return "sd"  # load() then says that the path does not exist
+    from sdjax.loading import single_file_xl
+
+    return single_file_xl.file_family(path)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,6 +102,25 @@ def check_dtype(dtype: Any) -> None:
         raise PipelineError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
 
 
+def _from_file(
+    path: Path, dtype: Any, family: str | None, tokenizer_path: Any, prediction_type: str | None, config: Any
+) -> Components:
+    from sdjax.loading import single_file_xl
+
+    found = single_file_xl.file_family(path)
+    if family is not None and found != family:
+        layout = next(lay for lay in folders.LAYOUTS if lay.family == found)
+        raise PipelineError(
+            f"{path} is an {found} single-file checkpoint, not {family}: load it with "
+            f"sdjax.{layout.pipeline}.from_pretrained or sdjax.from_pretrained"
+        )
+    if found == "sdxl":
+        return single_file_xl.load(path, dtype, config)
+    if config is not None:
+        raise PipelineError(f"config= is read for SDXL single files; {path} is SD 1.x/2.x (it takes tokenizer_path)")
+    return _from_single_file(path, dtype, tokenizer_path, prediction_type)
+
+
 def _from_single_file(path: Path, dtype: Any, tokenizer_path: Any, prediction_type: str | None) -> Components:
     from sdjax.loading import single_file
 
@@ -82,15 +134,19 @@ def _from_single_file(path: Path, dtype: Any, tokenizer_path: Any, prediction_ty
     return Components(
         modules,
         params,
-        tok,
+        {"tokenizer": tok},
         schedule.ScheduleConfig.from_dict(scheduler_config),
         scheduler_config.get("_class_name", "PNDMScheduler"),
     )
 
 
-def _from_folder(path: Path, dtype: Any, variant: str | None, trained: dict | None = None) -> Components:
-    index = folders.read_model_index(path)
-    modules, params = folders.load_networks(path, dtype, variant, trained)
+def _from_folder(
+    path: Path, dtype: Any, variant: str | None, trained: dict | None = None, family: str | None = None
+) -> Components:
+    index = folders.read_model_index(path, family)
+    layout = folders.layout_of(index, path)
+    names = folders.present_networks(index, layout)
+    modules, params = folders.load_networks(path, dtype, variant, trained, names, _network_dtypes(path, layout, dtype))
     try:
         schedule_cfg = schedule.ScheduleConfig.from_dict(folders.read_scheduler_config(path))
     except (TypeError, ValueError) as e:
@@ -98,4 +154,19 @@ def _from_folder(path: Path, dtype: Any, variant: str | None, trained: dict | No
             raise
         raise PipelineError(f"{path / 'scheduler' / 'scheduler_config.json'}: {e}") from e
     scheduler_class = index.get("scheduler", [None, "DDIMScheduler"])[1]
-    return Components(modules, params, tokenizer.load_tokenizer(path / "tokenizer"), schedule_cfg, scheduler_class)
+    tokenizers = {
+        name: tokenizer.load_tokenizer(path / name)
+        for name in layout.tokenizers
+        if (index.get(name) or [None, None])[1] is not None or layout.family == "sd"
+    }
+    options = {key: index.get(key, default) for key, default in layout.options.items()}
+    return Components(modules, params, tokenizers, schedule_cfg, scheduler_class, layout.family, options)
+
+
+def _network_dtypes(path: Path, layout: folders.Layout, dtype: Any) -> dict[str, Any]:
+    """SDXL's VAE overflows in 16 bits: with ``force_upcast`` in its config it computes in float32 (as diffusers'
+    SDXL pipelines decode), whatever the pipeline's dtype."""
+    if layout.family != "sdxl" or jnp.dtype(dtype) == jnp.float32:
+        return {}
+    _, vae_config = weights.read_component_config(path / "vae")
+    return {"vae": jnp.float32} if vae_config.get("force_upcast", True) else {}
