@@ -185,9 +185,12 @@ def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.n
     return np.array([int(example_index(tf.constant(int(p), tf.int64), num_examples, seed)) for p in positions])
 
 
-def resize_and_crop(image: tf.Tensor, resolution: int, crop_seed: tf.Tensor | None) -> tf.Tensor:
+def resize_and_crop(
+    image: tf.Tensor, resolution: int, crop_seed: tf.Tensor | None
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """uint8 (H, W, 3) -> float32 (resolution, resolution, 3) in [0, 255]: shorter side to `resolution`
-    (bilinear, antialiased), then a centre crop, or a random one when `crop_seed` is given."""
+    (bilinear, antialiased), then a centre crop, or a random one when `crop_seed` is given. Also returns the
+    crop's top-left corner (top, left) in the resized image and the resized (height, width), both int32 (2,)."""
     size = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = resolution / tf.reduce_min(size)
     new_size = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), resolution)
@@ -197,7 +200,7 @@ def resize_and_crop(image: tf.Tensor, resolution: int, crop_seed: tf.Tensor | No
         offset = tf.cast(tf.round(tf.cast(slack, tf.float32) / 2), tf.int32)
     else:
         offset = tf.random.stateless_uniform([2], crop_seed, maxval=tf.int32.max, dtype=tf.int32) % (slack + 1)
-    return image[offset[0] : offset[0] + resolution, offset[1] : offset[1] + resolution]
+    return image[offset[0] : offset[0] + resolution, offset[1] : offset[1] + resolution], offset, new_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,20 +215,28 @@ class Augmentation:
 
 
 def preprocess(position: tf.Tensor, image_bytes: tf.Tensor, caption: tf.Tensor, aug: Augmentation):
-    """Decodes and augments one example: -> float32 (R, R, 3) in [-1, 1] and the (maybe dropped) caption."""
+    """Decodes and augments one example: -> {"image": float32 (R, R, 3) in [-1, 1], "caption": the (maybe
+    dropped) caption, "original_size": int32 (h, w) of the decoded image, "crop_top_left": int32 (top, left)}.
+
+    The crop corner is SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2), recorded as diffusers'
+    train_text_to_image_sdxl.py does: in the resized image, after the horizontal flip (which that script
+    applies before cropping), so a flipped example's left is measured from the flipped image's left edge."""
     crop_seed, flip_seed, dropout_seed = tf.unstack(
         tf.random.experimental.stateless_split(tf.stack([tf.constant(aug.seed, tf.int64), position]), 3)
     )
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image = resize_and_crop(image, aug.resolution, crop_seed if aug.random_crop else None)
+    original_size = tf.shape(image)[:2]
+    image, top_left, resized = resize_and_crop(image, aug.resolution, crop_seed if aug.random_crop else None)
     if aug.random_flip:
         flip = tf.random.stateless_uniform([], flip_seed) < 0.5
         image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+        flipped_left = resized[1] - aug.resolution - top_left[1]
+        top_left = tf.where(flip, tf.stack([top_left[0], flipped_left]), top_left)
     image.set_shape([aug.resolution, aug.resolution, 3])
     if aug.caption_dropout > 0:
         drop = tf.random.stateless_uniform([], dropout_seed) < aug.caption_dropout
         caption = tf.where(drop, tf.constant(b""), caption)
-    return image / 127.5 - 1.0, caption
+    return {"image": image / 127.5 - 1.0, "caption": caption, "original_size": original_size, "crop_top_left": top_left}
 
 
 def _decode_batch(positions, images, captions, aug: Augmentation, host_batch: int):
@@ -237,20 +248,24 @@ def _decode_batch(positions, images, captions, aug: Augmentation, host_batch: in
         .batch(host_batch)
     )
     # Guarantees exactly one element even when every image of the batch is undecodable.
-    empty = (tf.zeros([0, aug.resolution, aug.resolution, 3]), tf.zeros([0], tf.string))
-    return decoded.concatenate(tf.data.Dataset.from_tensors(empty)).take(1).map(lambda x, c: _fill(x, c, host_batch))
+    empty = {
+        "image": tf.zeros([0, aug.resolution, aug.resolution, 3]),
+        "caption": tf.zeros([0], tf.string),
+        "original_size": tf.zeros([0, 2], tf.int32),
+        "crop_top_left": tf.zeros([0, 2], tf.int32),
+    }
+    return decoded.concatenate(tf.data.Dataset.from_tensors(empty)).take(1).map(lambda b: _fill(b, host_batch))
 
 
-def _fill(images, captions, host_batch: int):
-    num_valid = tf.shape(images)[0]
+def _fill(batch: dict, host_batch: int) -> dict:
+    num_valid = tf.shape(batch["image"])[0]
     take = tf.range(host_batch) % tf.maximum(num_valid, 1)
-    images = tf.cond(
-        num_valid > 0,
-        lambda: tf.gather(images, take),
-        lambda: tf.zeros([host_batch, *images.shape[1:]], images.dtype),
-    )
-    captions = tf.cond(num_valid > 0, lambda: tf.gather(captions, take), lambda: tf.fill([host_batch], ""))
-    return {"image": images, "caption": captions, "num_valid": num_valid}
+
+    def filled(x):
+        blank = tf.fill([host_batch], "") if x.dtype == tf.string else tf.zeros([host_batch, *x.shape[1:]], x.dtype)
+        return tf.cond(num_valid > 0, lambda: tf.gather(x, take), lambda: blank)
+
+    return {**{k: filled(x) for k, x in batch.items()}, "num_valid": num_valid}
 
 
 def _tokenize_fn(tokenizer):
@@ -265,9 +280,17 @@ def _tokenize_fn(tokenizer):
 
 
 def build_dataset(
-    source: ExampleSource, layout: BatchLayout, aug: Augmentation, tokenizer, start_step: int
+    source: ExampleSource,
+    layout: BatchLayout,
+    aug: Augmentation,
+    tokenizer,
+    start_step: int,
+    tokenizer_2=None,
+    record_sizes: bool = False,
 ) -> tf.data.Dataset:
-    """The tf.data graph; elements {"image" (D, B, R, R, 3), "input_ids" (D, B, 77), "num_valid" ()}."""
+    """The tf.data graph; elements {"image" (D, B, R, R, 3), "input_ids" (D, B, 77), "num_valid" ()}, plus
+    "input_ids_2" (D, B, 77) with `tokenizer_2` and "original_size", "crop_top_left" (D, B, 2) with
+    `record_sizes`."""
     n, bh = source.num_examples, layout.host_batch
 
     def host_positions(step):  # this host's contiguous slice of the global batch
@@ -280,13 +303,18 @@ def build_dataset(
         return positions, tf.ensure_shape(images, [bh]), tf.ensure_shape(captions, [bh])
 
     def tokenize_batch(batch):
-        ids = tf.numpy_function(_tokenize_fn(tokenizer), [batch["caption"]], tf.int32, stateful=False)
         shape = [layout.num_devices, layout.per_device_batch]
-        return {
-            "image": tf.reshape(batch["image"], [*shape, aug.resolution, aug.resolution, 3]),
-            "input_ids": tf.reshape(ids, [*shape, MAX_LENGTH]),
-            "num_valid": batch["num_valid"],
+        tokenizers = {"input_ids": tokenizer, "input_ids_2": tokenizer_2}
+        ids = {
+            key: tf.numpy_function(_tokenize_fn(tok), [batch["caption"]], tf.int32, stateful=False)
+            for key, tok in tokenizers.items()
+            if tok is not None
         }
+        out = {key: tf.reshape(x, [*shape, MAX_LENGTH]) for key, x in ids.items()}
+        out["image"] = tf.reshape(batch["image"], [*shape, aug.resolution, aug.resolution, 3])
+        if record_sizes:
+            out.update({k: tf.reshape(batch[k], [*shape, 2]) for k in ("original_size", "crop_top_left")})
+        return {**out, "num_valid": batch["num_valid"]}
 
     ds = tf.data.Dataset.range(start_step, tf.int64.max).map(host_positions).map(fetch)
     ds = ds.interleave(
@@ -374,6 +402,8 @@ def make_dataset(
     source_options: dict | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    tokenizer_2=None,
+    record_sizes: bool = False,
 ) -> InputPipeline:
     """Infinite, deterministic, resumable training batches.
 
@@ -387,9 +417,13 @@ def make_dataset(
       seed, start_step: `start_step=k` yields exactly the batches an uninterrupted run yields from step k.
       random_crop, random_flip, caption_dropout: augmentations; dropped captions become "".
       process_index, process_count: this host's shard (default from jax).
+      tokenizer_2: a second CLIP tokenizer (SDXL's): the captions' ids by it as "input_ids_2".
+      record_sizes: add each example's "original_size" (height, width) before resizing and "crop_top_left"
+        (top, left) of its crop in the resized (and flipped) image, int32 pixels: SDXL's micro-conditioning.
     Yields:
       {"image": float32 (D, B, R, R, 3) in [-1, 1], "input_ids": int32 (D, B, 77)} with D local devices
-      and B the per-device batch.
+      and B the per-device batch; "input_ids_2" int32 (D, B, 77) and "original_size", "crop_top_left" int32
+      (D, B, 2) when asked for.
     """
     if resolution < 1:
         raise DataError(f"resolution must be >= 1, got {resolution}")
@@ -400,5 +434,5 @@ def make_dataset(
     layout = batch_layout(global_batch_size, per_device_batch, num_devices, process_index, process_count)
     examples = open_source(source, split, data_dir, image_key, caption_key, source_options)
     aug = Augmentation(resolution, random_crop, random_flip, caption_dropout, seed)
-    dataset = build_dataset(examples, layout, aug, tokenizer, start_step)
+    dataset = build_dataset(examples, layout, aug, tokenizer, start_step, tokenizer_2, record_sizes)
     return InputPipeline(dataset, layout, start_step, examples.num_examples)

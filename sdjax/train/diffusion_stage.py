@@ -1,5 +1,8 @@
 """Stage 2: latent diffusion. Trains the UNet (and optionally the text encoder) to denoise the latents of a
-frozen VAE; the preview samples ``config.sample_prompts`` with the pipeline.
+frozen VAE; the preview samples ``config.sample_prompts`` with the pipeline. SD 1.x / 2.x, or SDXL when
+config.pretrained_path is an SDXL base folder: the family (:mod:`sdjax.train.families`) supplies the UNet's
+conditioning, the batch features it needs and the preview's pipeline; noise, timesteps, loss and the rest are
+this module's, shared.
 
 The model folder of a new run gets the tokenizer (a pretrained one, or one learnt from a synthetic source's
 captions), the frozen VAE with the ``scaling_factor`` it is used with (measured for a new stage-1 VAE), the
@@ -25,7 +28,7 @@ from absl import logging
 
 from sdjax import checkpoint, images, latents, schedule, tokenizer, weights
 from sdjax.loading import folders
-from sdjax.train import losses
+from sdjax.train import families, losses
 from sdjax.train.checks import TrainConfigError
 from sdjax.train.stage import Batches, Params, Preview, close_batches
 from sdjax.train.steps import LossFn, example_keys, normal
@@ -39,30 +42,36 @@ class DiffusionStage:
         return ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
 
     def write_model_folder(self, config: ml_collections.ConfigDict, folder: Path, batches_fn: Any) -> None:
+        layout = _layout(config)
         with tempfile.TemporaryDirectory() as scratch:
-            tok = _new_tokenizer(config, Path(scratch))
-            vae, vae_params = _scaled_vae(config, lambda: batches_fn(tok))
-            networks = _new_networks(config, tok)
+            tokenizers = _new_tokenizers(config, layout, Path(scratch))
+            vae, vae_params = _scaled_vae(config, lambda: batches_fn(tokenizers["tokenizer"]))
+            networks = _new_networks(config, layout, tokenizers["tokenizer"])
             components = {
                 "vae": (vae, vae_params),
                 "unet": (networks["unet"], None),
-                "text_encoder": (networks["text_encoder"], _frozen_text_encoder_params(config)),
+                **{name: (networks[name], params) for name, params in _text_encoder_params(config, layout).items()},
             }
-            folders.write_model_folder(folder, components, tokenizer=tok, scheduler_config=_scheduler_config(config))
+            folders.write_model_folder(
+                folder, components, tokenizers=tokenizers, scheduler_config=_scheduler_config(config), layout=layout,
+                options=_model_options(config, layout),
+            )  # fmt: skip
 
-    def loss_fn(self, config: ml_collections.ConfigDict, model: Any) -> LossFn:
-        """Denoising loss of the UNet on latents of the frozen VAE (``frozen["vae"]``), conditioned on the text
-        encoder (trained when its params are in ``params``, else ``frozen["text_encoder"]``). Uniform timesteps;
-        the target (epsilon / v / sample) is the schedule's ``prediction_type``; min-SNR-gamma weights
-        (config.loss.snr_gamma) and offset noise (config.loss.noise_offset) as options. Metrics: loss, mse."""
-        unet, text_encoder, vae = (model.modules[k] for k in ("unet", "text_encoder", "vae"))
+    def training_inputs(self, config: ml_collections.ConfigDict, model: Any) -> Callable[..., dict[str, jax.Array]]:
+        """``inputs(params, frozen, batch, rng, step)`` -> the arrays of one denoising step, per device: the
+        latents ``x0`` of the frozen VAE (``frozen["vae"]``), ``noise``, timesteps ``t`` (uniform), ``noisy``
+        latents, the ``target`` (the schedule's ``prediction_type``: epsilon / v / sample), min-SNR-gamma
+        ``weights`` (config.loss.snr_gamma) and the UNet's ``conditions`` (the family's,
+        :mod:`sdjax.train.families`). Offset noise (config.loss.noise_offset) as an option."""
+        conditions = families.get_family(model.family).conditions
+        vae = model.modules["vae"]
         # The noise schedule of training, as diffusers' training scripts read it (DDPMScheduler.from_pretrained).
         schedule_cfg = model.schedule.for_class("DDPMScheduler")
         alphas_cumprod = schedule.alphas_cumprod(schedule_cfg)
         prediction_type, loss_cfg = schedule_cfg.prediction_type, config.loss
 
-        def loss_fn(params, frozen, batch, rng, step):
-            images, input_ids = batch["image"], batch["input_ids"]
+        def inputs(params, frozen, batch, rng, step):
+            images = batch["image"]
             posterior_key, noise_key, offset_key, t_key = example_keys(rng, step, images.shape[0], 4)
             shape = latents.latent_shape(vae, images.shape[1], images.shape[2])
             x0 = jax.lax.stop_gradient(latents.encode(vae, frozen["vae"], images, normal(posterior_key, shape)))
@@ -70,25 +79,35 @@ class DiffusionStage:
             if loss_cfg.noise_offset:
                 noise = losses.offset_noise(noise, normal(offset_key, shape[-1:]), loss_cfg.noise_offset)
             t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule_cfg.num_train_timesteps))(t_key)
-            noisy = schedule.add_noise(alphas_cumprod, x0, noise, t)
-            target = losses.diffusion_target(alphas_cumprod, x0, noise, t, prediction_type)
-            weights_ = losses.min_snr_weights(schedule.snr(alphas_cumprod, t), loss_cfg.snr_gamma, prediction_type)
-            text_params = params["text_encoder"] if "text_encoder" in params else frozen["text_encoder"]
-            context = text_encoder.apply({"params": text_params}, input_ids)
-            prediction = unet.apply({"params": params["unet"]}, noisy.astype(unet.dtype), t, context)
-            return losses.diffusion_loss(prediction, target, weights_)
+            return {
+                "x0": x0,
+                "noise": noise,
+                "t": t,
+                "noisy": schedule.add_noise(alphas_cumprod, x0, noise, t),
+                "target": losses.diffusion_target(alphas_cumprod, x0, noise, t, prediction_type),
+                "weights": losses.min_snr_weights(schedule.snr(alphas_cumprod, t), loss_cfg.snr_gamma, prediction_type),
+                "conditions": conditions(model, params, frozen, batch),
+            }
+
+        return inputs
+
+    def loss_fn(self, config: ml_collections.ConfigDict, model: Any) -> LossFn:
+        """Denoising loss of the UNet on :meth:`training_inputs` (the text encoder trained when its params are in
+        ``params``, else frozen). Metrics: loss, mse."""
+        unet, inputs_fn = model.modules["unet"], self.training_inputs(config, model)
+
+        def loss_fn(params, frozen, batch, rng, step):
+            x = inputs_fn(params, frozen, batch, rng, step)
+            noisy = x["noisy"].astype(unet.dtype)
+            prediction = unet.apply({"params": params["unet"]}, noisy, x["t"], **x["conditions"])
+            return losses.diffusion_loss(prediction, x["target"], x["weights"])
 
         return loss_fn
 
     def preview(self, config: ml_collections.ConfigDict, model: Any, images_: np.ndarray) -> Preview:
-        """Samples of config.sample_prompts (config.sample_steps, config.sample_guidance_scale, seed 0). One
-        pipeline for the run, so the sampler compiles once."""
-        from sdjax.pipeline import StableDiffusion
-
-        pipe = StableDiffusion(
-            **model.modules, params=dict(model.frozen), tokenizer=model.tokenizer, schedule=model.schedule,
-            scheduler_class=model.scheduler_class,
-        )  # fmt: skip
+        """Samples of config.sample_prompts (config.sample_steps, config.sample_guidance_scale, seed 0) with the
+        family's pipeline. One pipeline for the run, so the sampler compiles once."""
+        pipe = families.get_family(model.family).pipeline(model)
 
         def draw(params):
             pipe.params = {**model.frozen, **params}
@@ -114,16 +133,41 @@ def latent_std(vae: Any, params: Any, batches: list[jax.Array]) -> float:
     return float(jnp.std(z.astype(jnp.float32)))
 
 
-def _new_tokenizer(config: ml_collections.ConfigDict, scratch: Path) -> Any:
+def _layout(config: ml_collections.ConfigDict) -> folders.Layout:
+    """The family layout of the run: config.pretrained_path's (SD or SDXL base), else SD (built from config)."""
+    if not config.pretrained_path:
+        return folders.SD
+    root = Path(config.pretrained_path)
+    index = folders.read_model_index(root)
+    layout = folders.layout_of(index, root)
+    if layout.family == "sdxl" and (index.get("requires_aesthetics_score") or "text_encoder" not in
+                                    folders.present_networks(index, layout)):  # fmt: skip
+        raise TrainConfigError(f"{root} is an SDXL refiner; sdjax fine-tunes SDXL base models (two text encoders)")
+    if layout.family == "sdxl" and config.train_text_encoder:
+        raise TrainConfigError("train_text_encoder=True is for SD 1.x/2.x; SDXL fine-tuning trains the UNet only")
+    return layout
+
+
+def _model_options(config: ml_collections.ConfigDict, layout: folders.Layout) -> dict[str, Any]:
+    """The model_index options of the family (SDXL's force_zeros_for_empty_prompt...), from the pretrained folder."""
+    if not config.pretrained_path:
+        return {}
+    index = folders.read_model_index(Path(config.pretrained_path))
+    return {key: index.get(key, default) for key, default in layout.options.items()}
+
+
+def _new_tokenizers(config: ml_collections.ConfigDict, layout: folders.Layout, scratch: Path) -> dict[str, Any]:
+    """Folder name -> tokenizer: the pretrained model's (each of its family's), else config.tokenizer_path's,
+    else one learnt from a synthetic source's captions."""
     if config.pretrained_path:
-        return tokenizer.load_tokenizer(config.pretrained_path)
+        return {name: tokenizer.load_tokenizer(Path(config.pretrained_path) / name) for name in layout.tokenizers}
     if config.tokenizer_path:
-        return tokenizer.load_tokenizer(config.tokenizer_path)
+        return {"tokenizer": tokenizer.load_tokenizer(config.tokenizer_path)}
     from sdjax.data import sources
 
     captions = sources.captions(config.data.source)
     if captions is not None:  # a synthetic source with a finite set of captions: its own small vocabulary
-        return tokenizer.build_tokenizer(captions, scratch)
+        return {"tokenizer": tokenizer.build_tokenizer(captions, scratch)}
     raise TrainConfigError(
         f"no tokenizer for data source {config.data.source!r}: set config.tokenizer_path (a CLIP tokenizer folder) "
         "or config.pretrained_path (a diffusers Stable Diffusion folder)"
@@ -188,11 +232,11 @@ def _scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"_class_name": config.scheduler_class, "_diffusers_version": weights.DIFFUSERS_VERSION, **cfg.to_dict()}
 
 
-def _new_networks(config: ml_collections.ConfigDict, tok: Any) -> dict[str, Any]:
-    """Modules of the text encoder and UNet: from config.pretrained_path, else built from config."""
+def _new_networks(config: ml_collections.ConfigDict, layout: folders.Layout, tok: Any) -> dict[str, Any]:
+    """Modules of the text encoder(s) and UNet: from config.pretrained_path, else built from config."""
     if config.pretrained_path:
         root = Path(config.pretrained_path)
-        return {name: weights.build_component(root / name) for name in ("text_encoder", "unet")}
+        return {name: weights.build_component(root / name) for name in layout.networks if name != "vae"}
     from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
     from sdjax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 
@@ -209,13 +253,16 @@ def _new_networks(config: ml_collections.ConfigDict, tok: Any) -> dict[str, Any]
     return {"text_encoder": CLIPTextModel(text_config), "unet": UNet2DConditionModel(unet_config)}
 
 
-def _frozen_text_encoder_params(config: ml_collections.ConfigDict) -> Params | None:
-    """Params of a frozen (pretrained) text encoder; None when it is trained."""
+def _text_encoder_params(config: ml_collections.ConfigDict, layout: folders.Layout) -> dict[str, Params | None]:
+    """Text encoder name -> params of a frozen (pretrained) encoder, or None for a trained one."""
     if config.train_text_encoder:
-        return None
+        return {"text_encoder": None}
     if not config.pretrained_path and not config.text_encoder_path:
         raise TrainConfigError(
             "train_text_encoder=False needs a pretrained text encoder: set --config.pretrained_path or "
             "--config.text_encoder_path"
         )
-    return weights.load_component(Path(config.text_encoder_path or Path(config.pretrained_path) / "text_encoder"))[1]
+    if config.text_encoder_path and layout is folders.SD:
+        return {"text_encoder": weights.load_component(Path(config.text_encoder_path))[1]}
+    names = [name for name in layout.networks if name.startswith("text_encoder")]
+    return {name: weights.load_component(Path(config.pretrained_path) / name)[1] for name in names}

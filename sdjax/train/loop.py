@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from sdjax import checkpoint, parallel, tokenizer
-from sdjax.train import checks, monitor, steps
+from sdjax.train import checks, families, monitor, steps
 from sdjax.train import model as model_lib
 from sdjax.train import state as state_lib
 from sdjax.train.stage import Stage, close_batches, get_stage
@@ -37,10 +37,13 @@ Batches = Iterator[dict[str, np.ndarray]]
 BatchesFn = Callable[[int], Batches]
 
 
-def input_pipeline(config: ml_collections.ConfigDict, tok: Any, start: int, split: str | None = None) -> Batches:
+def input_pipeline(
+    config: ml_collections.ConfigDict, tok: Any, start: int, split: str | None = None, **features: Any
+) -> Batches:
     """Batches {"image": (D, B, H, W, 3) float32 in [-1, 1], "input_ids": (D, B, 77) int32} for this host's D
     devices of ``split`` (default config.data.split), from batch number ``start`` on (the data position stored
-    in checkpoints). Stages that read no captions get no caption feature read."""
+    in checkpoints). Stages that read no captions get no caption feature read. ``features``: what the model
+    family adds (``make_dataset``'s tokenizer_2, record_sizes: SDXL's second ids and micro-conditioning)."""
     from sdjax.data.input_pipeline import make_dataset  # TensorFlow is imported only by runs that read data
 
     d = config.data
@@ -60,6 +63,7 @@ def input_pipeline(config: ml_collections.ConfigDict, tok: Any, start: int, spli
         caption_key=d.caption_key if get_stage(config.stage).reads_captions else None,
         data_dir=d.data_dir,
         source_options={"num_train": d.get("num_train") or None},
+        **features,
     )
 
 
@@ -97,7 +101,8 @@ class LoggedBatches:
 
 
 def _training_batches(config: ml_collections.ConfigDict, model: Any, batches_fn: Any, position: int) -> Batches:
-    batches = (batches_fn or (lambda p: input_pipeline(config, model.tokenizer, p)))(position)
+    features = families.get_family(model.family).batch_options(model)
+    batches = (batches_fn or (lambda p: input_pipeline(config, model.tokenizer, p, **features)))(position)
     log_dir = os.environ.get("SDJAX_BATCH_LOG")
     if not log_dir:
         return batches
@@ -172,7 +177,8 @@ def _eval_batches(config: ml_collections.ConfigDict, model: Any, batches_fn: Any
         from sdjax.data.sources import MissingSplitError
 
         try:
-            batches = input_pipeline(config, model.tokenizer, 0, config.data.get("eval_split", "validation"))
+            split, features = config.data.get("eval_split", "validation"), families.get_family(model.family)
+            batches = input_pipeline(config, model.tokenizer, 0, split, **features.batch_options(model))
         except MissingSplitError as e:
             logging.warning("no validation loss: %s (set --config.data.eval_split, or eval_every=0)", e)
             return []

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from sdjax import checkpoint, schedule, tokenizer, weights
+from sdjax import checkpoint, loading, schedule, tokenizer, weights
+from sdjax.loading import folders
 from sdjax.train import state as state_lib
 from sdjax.train.checks import TrainConfigError
 from sdjax.train.stage import get_stage
@@ -35,27 +36,35 @@ def init_params(module: Any, rng: jax.Array) -> Params:
 
 @dataclasses.dataclass
 class Model:
-    """Modules (name -> flax module in the compute dtype) and frozen params (name -> params) of a run."""
+    """Modules (name -> flax module in the compute dtype) and frozen params (name -> params) of a run; its
+    family ("sd" or "sdxl": see :mod:`sdjax.train.families`), tokenizers (SDXL's second in ``tokenizer_2``)
+    and the model_index options of the family (SDXL: force_zeros_for_empty_prompt, requires_aesthetics_score)."""
 
     modules: dict[str, Any]
     frozen: Params
     tokenizer: Any = None
     schedule: schedule.ScheduleConfig | None = None
     scheduler_class: str = "DDIMScheduler"
+    family: str = "sd"
+    tokenizer_2: Any = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load_model(config: ml_collections.ConfigDict, folder: Path) -> Model:
     """Rebuilds the run's modules from ``folder`` (workdir/model); frozen components come with their params."""
     dtype, trained = compute_dtype(config), get_stage(config.stage).trained(config)
     index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") == "AutoencoderKL":  # a stage-1 run: the VAE alone
+        names, layout, dtypes = ["vae"], folders.SD, {}
+    else:
+        layout = folders.layout_of(index, folder)
+        names, dtypes = folders.present_networks(index, layout), loading._network_dtypes(folder, layout, dtype)
     modules, frozen = {}, {}
-    for name in ("vae", "text_encoder", "unet"):
-        if name not in index:
-            continue
+    for name in names:
         if name in trained:
-            modules[name] = weights.build_component(folder / name, dtype)
+            modules[name] = weights.build_component(folder / name, dtypes.get(name, dtype))
         else:
-            modules[name], frozen[name] = weights.load_component(folder / name, dtype)
+            modules[name], frozen[name] = weights.load_component(folder / name, dtypes.get(name, dtype))
     if "unet" in modules and config.remat:
         modules["unet"] = modules["unet"].clone(remat=True)
     if "scheduler" not in index:
@@ -66,6 +75,9 @@ def load_model(config: ml_collections.ConfigDict, folder: Path) -> Model:
         tokenizer=tokenizer.load_tokenizer(folder / "tokenizer"),
         schedule=schedule.ScheduleConfig.from_json_file(folder / "scheduler" / "scheduler_config.json"),
         scheduler_class=index["scheduler"][1],
+        family=layout.family,
+        tokenizer_2=tokenizer.load_tokenizer(folder / "tokenizer_2") if "tokenizer_2" in index else None,
+        options={key: index.get(key, default) for key, default in layout.options.items()},
     )
 
 
