@@ -18,6 +18,7 @@ diffusers' ``convert_ldm_unet_checkpoint`` (``addition_embed_type="text_time"``)
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -152,10 +153,8 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, np.ndarray]]) -> Stat
             "text_encoder_2 and (base) text_encoder"
         )
     prefixes = PREFIXES["base" if "text_encoder" in components else "refiner"]
-    unet = dict(components["unet"])
-    pairs = ldm_names._inverse(_unet_pairs(ldm_names.unet_layout_from_diffusers(unet)))
     out = {
-        "unet": ldm_names._rename(unet, pairs, "diffusers UNet", FAMILY),
+        "unet": unet_to_ldm(components["unet"]),
         "vae": ldm_names.vae_to_ldm(components["vae"]),
     }
     if "text_encoder" in components:
@@ -163,6 +162,15 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, np.ndarray]]) -> Stat
         out["text_encoder"] = ldm_names._rename(text, ldm_names._clip_pairs(), "transformers CLIPTextModel", FAMILY)
     out["text_encoder_2"] = _open_clip_to_ldm(_with_text_model(components["text_encoder_2"]))
     return {prefixes[name] + k: v for name, state in out.items() for k, v in state.items()}
+
+
+def unet_to_ldm(unet: Mapping[str, Any]) -> State:
+    """A diffusers UNet state dict (SDXL's, or SD 1.x / 2.x's: the added-embedding names are simply unused) under
+    LDM names without prefix (``input_blocks.4.1.proj_in.weight``, ``label_emb.0.0.weight``). Only the names
+    matter: values are carried through as they are."""
+    unet = dict(unet)
+    pairs = ldm_names._inverse(_unet_pairs(ldm_names.unet_layout_from_diffusers(unet)))
+    return ldm_names._rename(unet, pairs, "diffusers UNet", FAMILY)
 
 
 def _with_text_model(state: Mapping[str, np.ndarray]) -> State:

@@ -208,9 +208,16 @@ def merged_params(state: LoraState) -> Params:
 def _merge(kernels: list, factors: list, coefficients: list) -> list:
     merged = []
     for kernel, pairs, coefficient in zip(kernels, factors, coefficients, strict=True):
-        delta = sum(coefficient[i] * _delta(down, up, kernel.ndim) for i, (down, up) in enumerate(pairs))
-        merged.append((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        merged.append(merged_kernel(kernel, [(down, up, coefficient[i]) for i, (down, up) in enumerate(pairs)]))
     return merged
+
+
+def merged_kernel(kernel: jax.Array, updates: Sequence[tuple[Any, Any, Any]]) -> jax.Array:
+    """``kernel + sum(coefficient * up @ down)`` over ``updates`` of (down, up, coefficient), in float32, cast back
+    to the kernel's dtype. kernel: flax layout (in, out) or HWIO; down (r, in[, kh, kw]), up (out, r). Traceable:
+    training differentiates it with respect to the factors (:mod:`sdjax.train.lora_stage`)."""
+    delta = sum(coefficient * _delta(down, up, kernel.ndim) for down, up, coefficient in updates)
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
 
 def _delta(down: jax.Array, up: jax.Array, ndim: int) -> jax.Array:
@@ -341,35 +348,41 @@ def _layer_index(module: Any, params: Any, kohya: bool) -> dict[str, tuple[str, 
     """The names a LoRA file may give each kernel of ``params`` -> its flax path: the PyTorch module path, with
     and without the module's export prefix (CLIP's ``text_model.``); for kohya files with "." flattened to "_",
     plus the UNet's LDM names."""
-    renames = list(getattr(module, "torch_export_renames", ()))
     index: dict[str, tuple[str, ...]] = {}
     for path in traverse_util.flatten_dict(params):
         if path[-1] != "kernel":
             continue
-        name = weights.path_to_torch_key(path).removesuffix(".weight")
-        for pattern, repl in renames:
-            index[re.sub(pattern, repl, name)] = path
-        index[name] = path
+        index[module_name(module, path)] = path
+        index[weights.path_to_torch_key(path).removesuffix(".weight")] = path
     if kohya:
         index = {name.replace(".", "_"): path for name, path in index.items()}
         index.update({k: v for k, v in _ldm_names(params).items() if k not in index})
     return index
 
 
+def module_name(module: Any, path: tuple[str, ...]) -> str:
+    """The PyTorch module name (diffusers / transformers) of the layer whose kernel is at flax ``path`` in the
+    params of ``module``: "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "text_model.encoder.layers.0.self_attn.q_proj" (the names of LoRA files, with "." flattened to "_" by kohya)."""
+    name = weights.path_to_torch_key(path).removesuffix(".weight")
+    for pattern, repl in getattr(module, "torch_export_renames", ()):
+        name = re.sub(pattern, repl, name)
+    return name
+
+
 def _ldm_names(params: Any) -> dict[str, tuple[str, ...]]:
-    """kohya names of the UNet's kernels under the original LDM names (``input_blocks_1_1_proj_in``); empty when
-    ``params`` are no SD UNet's."""
-    from sdjax.loading import ldm_names
+    """kohya names of the UNet's kernels under the original LDM names (``input_blocks_1_1_proj_in``; SDXL's too);
+    empty when ``params`` are no UNet's."""
+    from sdjax.loading import ldm_names_xl
 
     flat = traverse_util.flatten_dict(params)
     if "conv_in" not in {p[0] for p in flat}:
         return {}
     try:  # the renaming tables carry any value: carry each kernel's flax path through them
-        ldm = ldm_names.diffusers_to_ldm({"unet": {weights.path_to_torch_key(p): p for p in flat}})
+        ldm = ldm_names_xl.unet_to_ldm({weights.path_to_torch_key(p): p for p in flat})
     except (weights.WeightsError, KeyError, ValueError):
         return {}
-    prefix = ldm_names.PREFIXES["unet"]
-    return {k[len(prefix) :].removesuffix(".weight").replace(".", "_"): p for k, p in ldm.items() if p[-1] == "kernel"}
+    return {k.removesuffix(".weight").replace(".", "_"): p for k, p in ldm.items() if p[-1] == "kernel"}
 
 
 def _layer(
