@@ -60,7 +60,7 @@ def _with_scheduler(torch_pipe, sampler: str):
     return torch_pipe
 
 
-@pytest.mark.parametrize("steps", [30, 50])
+@pytest.mark.parametrize("steps", [30, pytest.param(50, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("negative", [None, NEGATIVE], ids=["no-negative", "negative"])
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
 def test_base_images_match_diffusers(base, sampler, negative, steps):
