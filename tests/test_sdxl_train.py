@@ -227,6 +227,25 @@ def test_sdxl_models_take_their_family_conditioning_and_options(sdxl_step, tiny_
     assert jax.tree.leaves(bf16.frozen["text_encoder_2"])[0].dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
+def test_bfloat16_remat_update_step_is_close_to_the_float32_loss(sdxl_step, tiny_sdxl):
+    config, _, batch, metrics, _ = sdxl_step
+    config = config.copy_and_resolve_references()
+    config.update(dtype="bfloat16", remat=True)
+    model = model_lib.load_model(config, tiny_sdxl[1])
+    params = model_lib.initial_params(config, model, jax.random.key(1))
+    state = state_lib.create_train_state(params, state_lib.make_optimizer(config), ema=False)
+    devices = jax.local_devices()[:1]
+    loss_fn = diffusion_stage.DiffusionStage().loss_fn(config, model)
+    p_step = steps.pmap_step(steps.make_train_step(loss_fn, config), devices)
+    new_state, bf16 = p_step(parallel.replicate(state, devices), parallel.replicate(model.frozen, devices), batch,
+                             jax.random.key(config.seed))  # fmt: skip
+    new_params = parallel.unreplicate(new_state.params)
+    assert jax.tree.leaves(new_params)[0].dtype == np.float32  # float32 master weights
+    assert abs(float(bf16["loss"][0]) - float(metrics["loss"])) < 2e-2 * float(metrics["loss"])
+    assert 0 < max_abs_diff(new_params, params) < 1e-4
+
+
 # ----------------------------------------------------------------------------------------------- devices, train.py
 
 
