@@ -469,14 +469,14 @@ class StableDiffusion(DiffusionPipeline):
         prompts = _prompt_list("prompts", prompts)
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         negative_prompts = _negative_prompts(negative_prompts, len(prompts))
-        prompts, negative_prompts = (_repeat(p, num_images_per_prompt) for p in (prompts, negative_prompts))
 
-        def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:
-            return self._conditions(prompts, negative_prompts, guided, clip_skip)
+        def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:  # after the batch-size checks
+            texts = (_repeat(p, num_images_per_prompt) for p in (prompts, negative_prompts))
+            return self._conditions(*texts, guided, clip_skip)
 
         return self._sample(
             conditions,
-            len(prompts),
+            len(prompts) * num_images_per_prompt,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             sampler=sampler,

@@ -286,8 +286,7 @@ class StableDiffusionXL(DiffusionPipeline):
                 "this SDXL model (requires_aesthetics_score: a refiner) works on an image: pass init_image (an image, "
                 'or the latents of generate(..., denoising_end=..., output="latent") with denoising_start)'
             )
-        texts = [None if p is None else _repeat(p, num_images_per_prompt) for p in (prompts, prompts_2)]
-        negative_texts = [None if p is None else _repeat(p, num_images_per_prompt) for p in (negatives, negatives_2)]
+        text_lists = (prompts, prompts_2, negatives, negatives_2)
         micro = {
             "original_size": original_size,
             "crops_coords_top_left": crops_coords_top_left,
@@ -299,9 +298,10 @@ class StableDiffusionXL(DiffusionPipeline):
             "negative_aesthetic_score": negative_aesthetic_score,
         }
 
-        def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:
+        def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:  # after the batch-size checks
+            texts = [None if p is None else _repeat(p, num_images_per_prompt) for p in text_lists]
             ids = self._added_time_ids((height, width), init_image is not None, micro)
-            return self.conditions(*texts, *negative_texts, guided, ids, clip_skip)
+            return self.conditions(*texts, guided, ids, clip_skip)
 
         return self._sample(
             conditions,
