@@ -150,7 +150,7 @@ class StableDiffusionXL(DiffusionPipeline):
             tok = self.tokenizers[tokenizer_name]
             expanded = [textual_inversion.expand_prompt(tok, text) for text in texts[name]]
             ids = jnp.asarray(tokenizer.tokenize(tok, expanded))
-            states, projected = _hidden_and_pooled(encoder, self.params[name], ids, layer)
+            states, projected = hidden_and_pooled(encoder, self.params[name], ids, layer)
             hidden.append(states)
             pooled = projected if projected is not None else pooled
         return jnp.concatenate(hidden, axis=-1), pooled
@@ -357,7 +357,7 @@ def _rows(time_ids: np.ndarray, n: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _hidden_and_pooled(encoder: Any, params: Any, ids: jax.Array, layer: int) -> tuple[jax.Array, Any]:
+def hidden_and_pooled(encoder: Any, params: Any, ids: jax.Array, layer: int) -> tuple[jax.Array, Any]:
     """Token ids (B, 77) -> (hidden state ``layer`` (B, 77, D), projected pooled output (B, P) or None for an
     encoder without projection)."""
     out = encoder.apply({"params": params}, ids, output_hidden_states=True)

@@ -146,7 +146,7 @@ def _from_folder(
     index = folders.read_model_index(path, family)
     layout = folders.layout_of(index, path)
     names = folders.present_networks(index, layout)
-    modules, params = folders.load_networks(path, dtype, variant, trained, names, _network_dtypes(path, layout, dtype))
+    modules, params = folders.load_networks(path, dtype, variant, trained, names, network_dtypes(path, layout, dtype))
     try:
         schedule_cfg = schedule.ScheduleConfig.from_dict(folders.read_scheduler_config(path))
     except (TypeError, ValueError) as e:
@@ -163,7 +163,7 @@ def _from_folder(
     return Components(modules, params, tokenizers, schedule_cfg, scheduler_class, layout.family, options)
 
 
-def _network_dtypes(path: Path, layout: folders.Layout, dtype: Any) -> dict[str, Any]:
+def network_dtypes(path: Path, layout: folders.Layout, dtype: Any) -> dict[str, Any]:
     """SDXL's VAE overflows in 16 bits: with ``force_upcast`` in its config it computes in float32 (as diffusers'
     SDXL pipelines decode), whatever the pipeline's dtype."""
     if layout.family != "sdxl" or jnp.dtype(dtype) == jnp.float32:

@@ -65,11 +65,11 @@ def empty_captions(model: Any, input_ids: jax.Array) -> jax.Array:
 def sdxl_conditions(model: Any, params: Params, frozen: Params, batch: Batch) -> dict[str, jax.Array]:
     """{"encoder_hidden_states": (B, 77, D1 + D2), "text_embeds": (B, P), "time_ids": (B, 6) float32} of a batch
     with "input_ids", "input_ids_2", "original_size", "crop_top_left" and "image" (its size is the target)."""
-    from sdjax.sdxl import _hidden_and_pooled  # the pipeline's own prompt encoding (penultimate layer, pooled)
+    from sdjax.sdxl import hidden_and_pooled  # the pipeline's own prompt encoding (penultimate layer, pooled)
 
     states, pooled = [], None
     for name, key in (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2")):
-        hidden, projected = _hidden_and_pooled(model.modules[name], _params(name, params, frozen), batch[key], -2)
+        hidden, projected = hidden_and_pooled(model.modules[name], _params(name, params, frozen), batch[key], -2)
         states.append(hidden)
         pooled = projected if projected is not None else pooled
     states = jnp.concatenate(states, axis=-1)

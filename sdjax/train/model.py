@@ -58,7 +58,7 @@ def load_model(config: ml_collections.ConfigDict, folder: Path) -> Model:
         names, layout, dtypes = ["vae"], folders.SD, {}
     else:
         layout = folders.layout_of(index, folder)
-        names, dtypes = folders.present_networks(index, layout), loading._network_dtypes(folder, layout, dtype)
+        names, dtypes = folders.present_networks(index, layout), loading.network_dtypes(folder, layout, dtype)
     modules, frozen = {}, {}
     for name in names:
         if name in trained:
