@@ -17,7 +17,7 @@ class TrainConfigError(ValueError):
 
 
 # Config sections that define the networks: a workdir trains one model, so these must not change on resume.
-MODEL_SECTIONS = ("stage", "vae", "unet", "text_encoder", "pretrained_path", "vae_path", "text_encoder_path")
+MODEL_SECTIONS = ("stage", "vae", "unet", "text_encoder", "pretrained_path", "vae_path", "text_encoder_path", "lora")
 
 
 def check_config(config: ml_collections.ConfigDict, reads_data: bool = True) -> None:

@@ -83,6 +83,9 @@ def load_model(config: ml_collections.ConfigDict, folder: Path) -> Model:
 
 def param_shapes(config: ml_collections.ConfigDict, model: Model) -> Params:
     """``jax.ShapeDtypeStruct`` trees of the trained components' float32 params (no init, no loading)."""
+    stage = get_stage(config.stage)
+    if hasattr(stage, "initial_params"):  # trained params that are not networks (LoRA factors): traced, not drawn
+        return jax.eval_shape(lambda rng: stage.initial_params(config, model, rng), jax.random.key(0))
     return {
         name: weights.param_shapes(model.modules[name].clone(dtype=jnp.float32))
         for name in get_stage(config.stage).trained(config)
@@ -90,7 +93,11 @@ def param_shapes(config: ml_collections.ConfigDict, model: Model) -> Params:
 
 
 def initial_params(config: ml_collections.ConfigDict, model: Model, rng: jax.Array) -> Params:
-    """Step-0 float32 params of the trained components: config.pretrained_path's weights when set, else random."""
+    """Step-0 float32 params of the trained components: config.pretrained_path's weights when set, else random;
+    a stage with its own ``initial_params`` (LoRA) makes them."""
+    stage = get_stage(config.stage)
+    if hasattr(stage, "initial_params"):
+        return stage.initial_params(config, model, rng)
     params = {}
     for i, name in enumerate(get_stage(config.stage).trained(config)):
         module = model.modules[name]

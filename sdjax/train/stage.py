@@ -43,6 +43,9 @@ class Stage(Protocol):
         """A function drawing the preview grid; compiled once, on its first call. ``images``: (N, H, W, 3) in
         [-1, 1] from the first training batch."""
 
+    # Optional: initial_params(config, model, rng) -> params, for a stage whose trained params are not the
+    # networks named by trained() (LoRA factors); sdjax.train.model calls it instead of loading or initialising.
+
 
 def close_batches(batches: Any) -> None:
     """Closes a batch iterator that can be closed (the tf.data pipeline's prefetch threads outlive an abandoned
@@ -54,9 +57,10 @@ def close_batches(batches: Any) -> None:
 def get_stage(name: str) -> Stage:
     """The stage called ``name``; TrainConfigError listing the stages otherwise."""
     from sdjax.train.diffusion_stage import DiffusionStage
+    from sdjax.train.lora_stage import LoraStage
     from sdjax.train.vae_stage import VAEStage
 
-    stages = {s.name: s for s in (VAEStage(), DiffusionStage())}
+    stages = {s.name: s for s in (VAEStage(), DiffusionStage(), LoraStage())}
     if name not in stages:
         raise TrainConfigError(f"unknown stage {name!r}; accepted: {', '.join(stages)}")
     return stages[name]
