@@ -8,7 +8,7 @@ r"""DreamBooth-style LoRA on Stable Diffusion 1.5: a few pictures of one subject
 Then ``pipe.load_lora_weights("loras/sks_dog")`` (sdjax or diffusers) and prompt "a photo of sks dog on the beach".
 
 Rank-4 LoRA factors (alpha 4) on the UNet's attention (to_q/k/v/out), feed-forward and proj_in/out layers; the
-text encoder too with --config.lora.text_encoder=True. The base model stays frozen: only the factors (3.2M
+text encoder too with --config.lora.text_encoder=True. The base model stays frozen: only the factors (1.7M
 parameters at rank 4) are in the optimizer state and the checkpoints (a few MB each). AdamW at 1e-4, constant,
 400 steps of batch 1, as diffusers' train_dreambooth_lora.py; bfloat16 compute on a float32 base copy.
 

@@ -289,6 +289,15 @@ def test_exported_lora_gives_diffusers_the_images_of_sdjax(exported, sdjax_image
     assert effect > 0.05  # a LoRA that changed nothing would pass the parity check
 
 
+def test_the_pipeline_loads_a_lora_workdir_with_its_factors_merged(lora_run, sdjax_images):
+    workdir, _, _ = lora_run
+    latents, _, trained = sdjax_images
+    pipe = sdjax.StableDiffusion.from_pretrained(workdir)
+    images = pipe.generate(PROMPTS, NEGATIVE, num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE,
+                           sampler="ddim", latents=latents)  # fmt: skip
+    assert np.abs(images - trained).max() <= 1e-5
+
+
 def test_lora_export_refuses_other_workdirs_and_foreign_folders(tiny_model, lora_run, tmp_path, capsys):
     assert export.main([str(tiny_model), str(tmp_path / "out"), "--lora"]) == 2
     assert "is not a LoRA training workdir" in capsys.readouterr().err

@@ -68,7 +68,14 @@ def load(
     if checkpoint.is_workdir(path):
         model = path / checkpoint.MODEL_DIR
         folders.read_model_index(model, family)  # the family check before reading the checkpoint
-        return _from_folder(model, dtype, variant, checkpoint.load_trained_params(path), family)
+        trained = checkpoint.load_trained_params(path)
+        if "lora" in trained:  # a LoRA run (sdjax.train.lora_stage): its base model with the factors merged in
+            from sdjax.loading import lora_export
+
+            components = _from_folder(model, dtype, variant, family=family)
+            components.params = lora_export.merged_params(components.params, path, trained["lora"])
+            return components
+        return _from_folder(model, dtype, variant, trained, family)
     return _from_folder(path, dtype, variant, family=family)
 
 

@@ -57,6 +57,21 @@ def read_workdir_lora(workdir: str | Path, ema: bool = True) -> tuple[dict[str, 
     return configs, factors
 
 
+def merged_params(params: dict[str, Any], workdir: str | Path, factors: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (a pipeline's) with a LoRA workdir's ``factors`` (its checkpoint's ``"lora"`` item) merged in:
+    W + lora_alpha / r * up @ down per adapted kernel, as training merges them; other arrays are the same objects."""
+    configs = json.loads((Path(workdir) / checkpoint.MODEL_DIR / CONFIG_FILE).read_text())
+    out = dict(params)
+    for component, tree in factors.items():
+        scale = configs[component]["lora_alpha"] / configs[component]["r"]
+        flat, pairs = traverse_util.flatten_dict(params[component]), traverse_util.flatten_dict(tree)
+        for layer in {path[:-1] for path in pairs}:
+            kernel = (*layer, "kernel")
+            flat[kernel] = lora.merged_kernel(flat[kernel], [(pairs[(*layer, "down")], pairs[(*layer, "up")], scale)])
+        out[component] = traverse_util.unflatten_dict(flat)
+    return out
+
+
 def lora_state_dicts(
     workdir: str | Path, dtype: str = "float32", ema: bool = True
 ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, np.ndarray]]:
