@@ -23,6 +23,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Shapes render() draws that examples never show (the dataset and its vocabulary stay as they are): a word the shipped
+# model has not seen, for the LoRA demo (configs/shapes64_lora.py teaches it "diamond").
+NEW_SHAPES: tuple[str, ...] = ("diamond",)
 MIN_SIZE, MAX_SIZE = 24, 44
 CAPTION_TEMPLATE = "a {color} {shape} on a {background} background"
 # Sub-pixel samples per axis: anti-aliased edges look like real photos of shapes to the VAE/UNet.
@@ -50,8 +53,8 @@ def _check_scene(color: str, shape: str, background: str, cx: float, cy: float, 
         raise SceneError(f"unknown colour {color!r} or {background!r}; accepted: {', '.join(COLORS)}")
     if color == background:
         raise SceneError(f"shape colour and background are both {color!r}; they must differ")
-    if shape not in SHAPES:
-        raise SceneError(f"unknown shape {shape!r}; accepted: {', '.join(SHAPES)}")
+    if shape not in SHAPES + NEW_SHAPES:
+        raise SceneError(f"unknown shape {shape!r}; accepted: {', '.join(SHAPES + NEW_SHAPES)}")
     half = size / 2
     if not (size > 0 and half <= cx <= image_size - half and half <= cy <= image_size - half):
         raise SceneError(
@@ -63,6 +66,8 @@ def _check_scene(color: str, shape: str, background: str, cx: float, cy: float, 
 def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
     if shape == "circle":
         return dx**2 + dy**2 <= half**2
+    if shape == "diamond":  # the square turned by 45 degrees, corners on the box's edge midpoints
+        return np.abs(dx) + np.abs(dy) <= half
     in_box = (np.abs(dx) <= half) & (np.abs(dy) <= half)
     if shape == "square":
         return in_box
@@ -103,7 +108,7 @@ def render(
 
     Args:
       color, background: palette names (`COLORS`), different from each other.
-      shape: one of `SHAPES`; the triangle has its apex up and a horizontal base.
+      shape: one of `SHAPES` (or `NEW_SHAPES`); the triangle has its apex up and a horizontal base.
       cx, cy: centre of the shape's bounding box in pixels (x right, y down).
       size: side of the bounding box in pixels; the box must lie inside the image.
     Returns:
