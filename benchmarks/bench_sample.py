@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -81,20 +82,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpmpp_2m", "euler"))
     parser.add_argument("--only", choices=("diffusers", "sdjax"), help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help="a folder written by build_reference (default: written afresh)")
     args = parser.parse_args()
     if args.only:
         print(json.dumps(run_one(args.only, args.folder, args.steps, args.size, args.sampler)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        build_reference(Path(tmp))
+        folder = args.folder or tmp
+        if not args.folder:
+            build_reference(Path(tmp))
         results = {}
         for library in ("diffusers", "sdjax"):
-            cmd = [sys.executable, "-m", "benchmarks.bench_sample", "--only", library, "--folder", tmp]
+            cmd = [sys.executable, "-m", "benchmarks.bench_sample", "--only", library, "--folder", folder]
             cmd += ["--steps", str(args.steps), "--size", str(args.size), "--sampler", args.sampler]
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
             results[library] = json.loads(out.strip().splitlines()[-1])
+            results[library]["load"] = os.getloadavg()[0]
 
     from benchmarks.common import print_table
 
@@ -109,6 +113,7 @@ def main() -> None:
             ("sdjax compile s (whole 50-step scan + VAE)", f"{j['compile']:.1f}"),
             ("peak memory diffusers GB", f"{d['peak_gb']:.1f}"),
             ("peak memory sdjax GB", f"{j['peak_gb']:.1f}"),
+            ("load average (1 min) after diffusers / sdjax", f"{d['load']:.1f} / {j['load']:.1f}"),
         ],
     )
 

@@ -13,11 +13,13 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
@@ -90,27 +92,44 @@ def find_weight_files(folder: str | Path, library: str = "diffusers", variant: s
     )
 
 
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
 def read_safetensors(files: Iterable[str | Path]) -> dict[str, np.ndarray]:
-    """All tensors of the given safetensors files as numpy arrays (bfloat16 via ml_dtypes)."""
+    """All tensors of the given safetensors files as read-only numpy arrays (bfloat16 via ml_dtypes).
+
+    The arrays are views of the memory-mapped files: nothing is read until a tensor's values are used, and the
+    one copy a load makes is :func:`to_device`'s (the files must not change while the views are alive)."""
     state: dict[str, np.ndarray] = {}
     for file in files:
         if not Path(file).is_file():
             raise WeightsError(f"weight file {file} does not exist (listed in the sharded index)")
         try:
-            with safe_open(str(file), framework="numpy") as f:
-                for key in f.keys():
-                    state[key] = _get_tensor(f, file, key)
-        except (OSError, SafetensorError) as e:
+            with safe_open(str(file), framework="numpy"):  # validates the header and every tensor's byte range
+                pass
+            state.update(_map_tensors(Path(file)))
+        except (OSError, SafetensorError, ValueError, KeyError) as e:
             raise WeightsError(f"cannot read {file}: {e}") from e
     return state
 
 
-def _get_tensor(handle: Any, file: str | Path, key: str) -> np.ndarray:
-    if handle.get_slice(key).get_dtype() != "BF16":
-        return handle.get_tensor(key)
-    # numpy has no bfloat16: read the raw bytes through the flax backend once per bf16 tensor.
-    with safe_open(str(file), framework="flax") as f:
-        return np.asarray(f.get_tensor(key))
+def _map_tensors(file: Path) -> dict[str, np.ndarray]:
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    data_bytes = file.stat().st_size - 8 - size
+    data = np.memmap(file, np.uint8, mode="r", offset=8 + size) if data_bytes else np.zeros(0, np.uint8)
+    tensors = {}
+    for key, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key} has dtype {info['dtype']}; readable: {', '.join(SAFETENSORS_DTYPES)}")
+        start, end = info["data_offsets"]
+        tensors[key] = data[start:end].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
 
 
 # --- names
@@ -290,23 +309,45 @@ def load_component(folder: str | Path, dtype: Any = jnp.float32, variant: str | 
 
 
 def check_finite(params: Params, component: str) -> None:
-    """WeightsError naming the first tensors holding NaN or inf (one pass over the host arrays)."""
-    bad = [
-        "/".join(str(getattr(k, "key", k)) for k in path)
-        for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if not np.isfinite(np.asarray(x)).all()
-    ]
+    """WeightsError naming the first tensors holding NaN or inf (one pass over the host arrays, in threads)."""
+    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(params), strict=True) if params else ((), ())
+    finite = _thread_map(_all_finite, leaves)
+    bad = ["/".join(str(getattr(k, "key", k)) for k in path) for path, ok in zip(paths, finite, strict=True) if not ok]
     if bad:
         raise WeightsError(f"{component}: weights with NaN or inf values: {_short_list(bad)}; the file is damaged")
 
 
-def to_device(params: Params, dtype: Any) -> Params:
-    """Host arrays -> device arrays of ``dtype``, cast on the host and moved in one ``device_put``.
+def _all_finite(x: Any) -> bool:
+    x = np.asarray(x)
+    return bool(np.isfinite(x.ravel(order="K")).all())  # memory order: a transposed view is read in sequence
 
-    (``jnp.asarray(x, dtype)`` per tensor compiles a conversion program for every distinct shape: 64 small
-    compiles, half a second, for the 9 MB shapes64 model.)"""
+
+def to_device(params: Params, dtype: Any) -> Params:
+    """Host arrays (any layout: memory-mapped, transposed views) -> device arrays of ``dtype``.
+
+    One ``device_put`` per tensor on a thread per core: PJRT lays out strided (transposed) numpy views in C++
+    with the GIL released, so the kernel transposes of a load run in parallel (2x faster than one tree-wide
+    ``device_put`` on 2 cores, benchmarks/bench_load.py). Casts happen on the host: ``jnp.asarray(x, dtype)``
+    per tensor would compile a conversion program for every distinct shape."""
     dtype = np.dtype(dtype)
-    return jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params))
+    leaves, treedef = jax.tree.flatten(params)
+    return jax.tree.unflatten(treedef, _thread_map(lambda x: _put(x, dtype), leaves))
+
+
+def _put(x: Any, dtype: np.dtype) -> jax.Array:
+    x = np.asarray(x).astype(dtype, copy=False)
+    if not x.flags.writeable and x.flags.c_contiguous:
+        x = x.copy()  # device_put would alias a memory-mapped file's pages: a rewrite of the file would show
+    return jax.device_put(x).block_until_ready()
+
+
+def _thread_map(fn: Any, items: Iterable[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` on a thread per core (numpy and PJRT copies release the GIL)."""
+    items = list(items)
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(len(items), 2 * (os.cpu_count() or 1))) as pool:
+        return list(pool.map(fn, items))
 
 
 def component_config(module: Any) -> dict[str, Any]:
