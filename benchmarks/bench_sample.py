@@ -1,6 +1,7 @@
 """Full text-to-image sample: SD 1.5 architecture, random weights shared by sdjax and diffusers (PyTorch), CPU.
 
     python benchmarks/bench_sample.py [--steps 50] [--size 256] [--sampler ddim]
+    python -m benchmarks.bench_sample --dtypes --steps 10   # sdjax float32 vs bfloat16 on the same machine
 
 One guided 256x256 image, 50 steps, float32. Each library runs in its own subprocess so that peak memory
 (max RSS) is its own. Prints a Markdown table: seconds per image after compilation, compile time, peak memory.
@@ -45,7 +46,7 @@ def build_reference(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def run_one(library: str, folder: str, steps: int, size: int, sampler: str) -> dict:
+def run_one(library: str, folder: str, steps: int, size: int, sampler: str, dtype: str = "float32") -> dict:
     import resource
 
     prompt, negative = "a photograph of an astronaut riding a horse", "blurry"
@@ -66,7 +67,7 @@ def run_one(library: str, folder: str, steps: int, size: int, sampler: str) -> d
     else:
         import sdjax
 
-        pipe = sdjax.StableDiffusion.from_pretrained(folder)
+        pipe = sdjax.StableDiffusion.from_pretrained(folder, dtype=dtype)
         kwargs = dict(num_inference_steps=steps, height=size, width=size, sampler=sampler)
         pipe.generate([prompt], [negative], seed=0, **kwargs)
         compile_s = pipe.last_timings["compile_s"]
@@ -83,24 +84,43 @@ def main() -> None:
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpmpp_2m", "euler"))
     parser.add_argument("--only", choices=("diffusers", "sdjax"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help="a folder written by build_reference (default: written afresh)")
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--dtypes", action="store_true", help="sdjax float32 vs bfloat16 instead of diffusers")
     args = parser.parse_args()
     if args.only:
-        print(json.dumps(run_one(args.only, args.folder, args.steps, args.size, args.sampler)))
+        print(json.dumps(run_one(args.only, args.folder, args.steps, args.size, args.sampler, args.dtype)))
         return
+    runs = {"float32": ("sdjax", "float32"), "bfloat16": ("sdjax", "bfloat16")} if args.dtypes else None
+    runs = runs or {"diffusers": ("diffusers", "float32"), "sdjax": ("sdjax", "float32")}
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or tmp
         if not args.folder:
             build_reference(Path(tmp))
         results = {}
-        for library in ("diffusers", "sdjax"):
+        for name, (library, dtype) in runs.items():
             cmd = [sys.executable, "-m", "benchmarks.bench_sample", "--only", library, "--folder", folder]
-            cmd += ["--steps", str(args.steps), "--size", str(args.size), "--sampler", args.sampler]
+            cmd += ["--steps", str(args.steps), "--size", str(args.size), "--sampler", args.sampler, "--dtype", dtype]
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-            results[library] = json.loads(out.strip().splitlines()[-1])
-            results[library]["load"] = os.getloadavg()[0]
+            results[name] = json.loads(out.strip().splitlines()[-1])
+            results[name]["load"] = os.getloadavg()[0]
 
     from benchmarks.common import print_table
+
+    if args.dtypes:
+        rows = [
+            (f"sdjax {name} s/image, compile s, peak GB, load", f"{r['per_image']:.1f}, {r['compile']:.1f}, "
+             f"{r['peak_gb']:.1f}, {r['load']:.1f}")
+            for name, r in results.items()
+        ]  # fmt: skip
+        rows.append(
+            (
+                "bfloat16 time / float32 time",
+                f"{results['bfloat16']['per_image'] / results['float32']['per_image']:.2f}",
+            )
+        )
+        print_table(f"sdjax SD 1.5 architecture, {args.size}x{args.size}, {args.steps} {args.sampler} steps, CPU", rows)
+        return
 
     d, j = results["diffusers"], results["sdjax"]
     print_table(

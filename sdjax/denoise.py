@@ -42,7 +42,9 @@ class DenoiseSpec:
     per evaluation); img2img: start from ``inputs["init"]`` noised to the plan's first step; init_latents: that
     input is already latents (no VAE encode); add_noise: False starts from it as it is (a plan made with
     ``denoising_start`` continuing another model's partly denoised latents); rescale: apply ``guidance_rescale``
-    (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4); decode: False returns the final latents, not images."""
+    (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4); decode: False returns the final latents, not images;
+    upcast_params: cast the (16-bit) params to float32 once, before the loop, for float32 networks (the CPU's
+    fast path)."""
 
     unet: Any
     vae: Any
@@ -53,6 +55,7 @@ class DenoiseSpec:
     add_noise: bool = True
     rescale: bool = False
     decode: bool = True
+    upcast_params: bool = False
 
 
 def image_keys(seed: int, n: int) -> jax.Array:
@@ -125,6 +128,8 @@ def denoise(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, progres
     """
     global TRACE_COUNT
     TRACE_COUNT += 1  # Python side effect: runs once per trace, never at run time (tested)
+    if spec.upcast_params:  # once per run: inside the scan it would convert every parameter at every step
+        params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
     model_fn = guided_model(spec, params, inputs, scalars)
     x = start_latents(spec, params, inputs)
     keys = _tagged(jax.random.wrap_key_data(inputs["keys"]), SAMPLER)
