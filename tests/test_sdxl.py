@@ -270,3 +270,42 @@ def test_copy_of_a_folder_without_the_first_text_encoder_is_a_refiner(refiner, t
     assert index["text_encoder"] == [None, None] and index["tokenizer"] == [None, None]
     assert not (tmp_path / "refiner" / "text_encoder").exists()
     assert sdjax.from_pretrained(tmp_path / "refiner").text_encoder is None
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """The published SDXL base and refiner layouts (config files as shipped, shrunk widths, random weights),
+    loaded from disk by diffusers (DiffusionPipeline picks the class from model_index.json) and by sdjax."""
+    from tests.published import published_folder
+
+    out = {}
+    for name in ("sdxl_base", "sdxl_refiner"):
+        folder = published_folder(name, tmp_path_factory.mktemp(name) / "model")
+        # float32 throughout: the published text encoder configs say torch_dtype float16, which transformers follows
+        torch_pipe = diffusers.DiffusionPipeline.from_pretrained(
+            folder, torch_dtype=torch.float32, local_files_only=True
+        )
+        torch_pipe.set_progress_bar_config(disable=True)
+        out[name] = (torch_pipe, sdjax.from_pretrained(folder))
+    return out
+
+
+def test_published_layouts_hand_off_as_diffusers(published):
+    """Base (its published Euler scheduler, no negative prompt: zeros) to 0.8 of 12 steps, then the refiner, at
+    128x128 (16x16 latents), on the published SDXL layouts."""
+    (torch_base, base), (torch_refiner, refiner) = published["sdxl_base"], published["sdxl_refiner"]
+    latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    kwargs = dict(num_inference_steps=12, height=128, width=128)
+    with torch.no_grad():
+        expected_base = torch_base(PROMPTS, latents=_nchw(latents), output_type="np", **kwargs).images
+        handed = torch_base(PROMPTS, latents=_nchw(latents), denoising_end=0.8, output_type="latent", **kwargs).images
+        expected = torch_refiner(
+            PROMPTS, image=handed, denoising_start=0.8, output_type="np", num_inference_steps=12
+        ).images
+    images_base = base.generate(PROMPTS, latents=latents, **kwargs)
+    ours = base.generate(PROMPTS, latents=latents, denoising_end=0.8, output="latent", **kwargs)
+    images = refiner.generate(PROMPTS, init_image=ours, denoising_start=0.8, num_inference_steps=12)
+    errors = np.abs(images_base - expected_base).max(), np.abs(images - expected).max()
+    print(f"published SDXL layouts: base {errors[0]:.2e}, hand-off {errors[1]:.2e}")
+    assert images.shape == expected.shape == (2, 128, 128, 3)
+    assert max(errors) <= TOLERANCE
