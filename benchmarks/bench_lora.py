@@ -38,8 +38,7 @@ def random_lora(params, rank: int, rng: np.random.Generator) -> lora.LoraAdapter
     for path, kernel in traverse_util.flatten_dict(params).items():
         if path[-1] != "kernel" or path[-2] not in TARGETS:
             continue
-        fan_in, out = kernel.shape[-2], kernel.shape[-1]
-        down_shape = (rank, fan_in, *kernel.shape[:2]) if kernel.ndim == 4 else (rank, fan_in)
+        out, down_shape = kernel.shape[0], (rank, *kernel.shape[1:])  # kernel (out, in[, kh, kw])
         down = jnp.asarray(rng.standard_normal(down_shape, np.float32) * 0.01)
         up = jnp.asarray(rng.standard_normal((out, rank), np.float32) * 0.01)
         layers.append(lora.LoraLayer("unet", path, down, up, 1.0))
@@ -62,9 +61,7 @@ def unfused_apply(unet, adapter: lora.LoraAdapter):
             down, up = by_path[path[1:]]
             h = args[0]
             if down.ndim == 4:  # conv: down is a conv with the layer's kernel, up a 1x1 conv
-                h = jax.lax.conv_general_dilated(
-                    h, down.transpose(2, 3, 1, 0), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-                )
+                h = jax.lax.conv_general_dilated(h, down, (1, 1), "SAME", dimension_numbers=("NHWC", "OIHW", "NHWC"))
             else:
                 h = h @ down.T
             return y + scale * (h @ up.T)

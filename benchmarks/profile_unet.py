@@ -75,6 +75,8 @@ def _xla_op_classes(hlo_text: str) -> dict[str, str]:
 
 
 def _classify_xla(opcode: str, text: str, op_name: str) -> str:
+    if "im2col_conv" in op_name:  # sdjax.models.layers: a CPU conv as patches + matmul
+        return "3x3 conv"
     if " convolution(" in text:
         window = re.search(r"window=\{size=([\dx]+)", text)
         return "1x1 conv / dense" if window is None or set(window.group(1).split("x")) == {"1"} else "3x3 conv"

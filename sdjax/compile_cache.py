@@ -102,9 +102,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
         pass  # a read-only or full cache folder only costs the next run a trace
 
 
+# Parameter shapes traced in this process, by key: a second load of the same network skips its trace.
+_PARAM_SHAPES: dict[str, Any] = {}
+
+
 def cached_param_shapes(key: str, build: Callable[[], Any]) -> Any:
-    """``build()`` (a tree of ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``), read from the trace cache
-    when an entry for ``key`` exists; without :func:`enable_compile_cache`, just ``build()``."""
+    """``build()`` (a tree of ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``), from this process's memo,
+    else read from the trace cache when an entry for ``key`` exists (with :func:`enable_compile_cache`)."""
+    if key not in _PARAM_SHAPES:
+        _PARAM_SHAPES[key] = _cached_param_shapes(key, build)
+    return _PARAM_SHAPES[key]
+
+
+def _cached_param_shapes(key: str, build: Callable[[], Any]) -> Any:
     import jax
     import numpy as np
 

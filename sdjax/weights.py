@@ -1,15 +1,16 @@
 """Stable Diffusion weights without PyTorch: diffusers / transformers safetensors <-> flax parameter trees.
 
 The flax modules name their parameters after the PyTorch attribute paths (list indices joined with "_"), so the
-conversion is a renaming plus layout changes: conv kernels OIHW -> HWIO, linear weights (out, in) -> (in, out),
-``weight`` -> ``kernel`` / ``scale`` / ``embedding``. The target structure comes from ``jax.eval_shape`` of the
-module's init (no random init, no allocation), and every missing, unexpected or shape-mismatched key is reported
-in one :class:`WeightsError`.
+conversion is a renaming (``weight`` -> ``kernel`` / ``scale`` / ``embedding``): kernels keep PyTorch's layouts,
+(out, in) and (out, in, kh, kw), so each tensor is copied as it is stored. The target structure comes from
+``jax.eval_shape`` of the module's init (no random init, no allocation), and every missing, unexpected or
+shape-mismatched key is reported in one :class:`WeightsError`.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -157,20 +158,12 @@ def path_to_torch_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _to_flax_layout(value: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
-    if leaf != "kernel":
-        return value
-    if value.ndim == 4 and target_ndim == 2:  # 1x1 conv stored for a linear layer (original LDM VAE attention)
-        value = value[:, :, 0, 0]
-    if value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    return value.T  # (out, in) -> (in, out)
-
-
-def _to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf != "kernel":
-        return value
-    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+def _fit_kernel(value: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
+    """sdjax's kernels keep PyTorch's layouts (:mod:`sdjax.models.layers`): only a 1x1 conv kernel stored for a
+    linear layer (the original LDM VAE attention) loses its window axes."""
+    if leaf == "kernel" and value.ndim == 4 and target_ndim == 2 and value.shape[2:] == (1, 1):
+        return value.reshape(value.shape[:2])
+    return value
 
 
 # --- conversion
@@ -212,7 +205,7 @@ def torch_to_flax(
         if target is None:
             unexpected.append(key)
             continue
-        value = _to_flax_layout(np.asarray(value), target[-1], len(targets[target].shape))
+        value = _fit_kernel(np.asarray(value), target[-1], len(targets[target].shape))
         if value.shape != tuple(targets[target].shape):
             mismatched.append(f"{key} {tuple(value.shape)} vs model {tuple(targets[target].shape)}")
             mismatched_paths.add(target)
@@ -236,7 +229,7 @@ def flax_to_torch(params: Params, *, renames: Iterable[tuple[str, str]] = ()) ->
         key = path_to_torch_key(path)
         for pattern, repl in renames:
             key = re.sub(pattern, repl, key)
-        state[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(value), path[-1]))
+        state[key] = np.ascontiguousarray(np.asarray(value))
     return state
 
 
@@ -304,41 +297,82 @@ def load_component(folder: str | Path, dtype: Any = jnp.float32, variant: str | 
         ignored=module.torch_ignored_keys,
         component=f"{module.config_class.class_name} ({folder})",
     )
-    check_finite(params, f"{module.config_class.class_name} ({folder})")
-    return module, to_device(params, dtype)
+    return module, to_device(params, dtype, component=f"{module.config_class.class_name} ({folder})")
 
 
-def check_finite(params: Params, component: str) -> None:
-    """WeightsError naming the first tensors holding NaN or inf (one pass over the host arrays, in threads)."""
-    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(params), strict=True) if params else ((), ())
-    finite = _thread_map(_all_finite, leaves)
+def _raise_non_finite(component: str, paths: Iterable[Any], finite: Iterable[bool]) -> None:
     bad = ["/".join(str(getattr(k, "key", k)) for k in path) for path, ok in zip(paths, finite, strict=True) if not ok]
     if bad:
         raise WeightsError(f"{component}: weights with NaN or inf values: {_short_list(bad)}; the file is damaged")
 
 
-def _all_finite(x: Any) -> bool:
-    x = np.asarray(x)
-    return bool(np.isfinite(x.ravel(order="K")).all())  # memory order: a transposed view is read in sequence
+def to_device(params: Params, dtype: Any, component: str | None = None) -> Params:
+    """Host arrays (e.g. views of memory-mapped safetensors files) -> device arrays of ``dtype``, one copy each.
 
-
-def to_device(params: Params, dtype: Any) -> Params:
-    """Host arrays (any layout: memory-mapped, transposed views) -> device arrays of ``dtype``.
-
-    One ``device_put`` per tensor on a thread per core: PJRT lays out strided (transposed) numpy views in C++
-    with the GIL released, so the kernel transposes of a load run in parallel (2x faster than one tree-wide
-    ``device_put`` on 2 cores, benchmarks/bench_load.py). Casts happen on the host: ``jnp.asarray(x, dtype)``
-    per tensor would compile a conversion program for every distinct shape."""
+    Each tensor is copied once, on a thread per core, into a 64-byte-aligned host buffer of ``dtype`` that the
+    CPU device then uses as it is (no second copy; GPUs and TPUs transfer it). The kernels keep the files'
+    layouts, so the copy is a plain one (the cast included) at memory speed. With ``component``, the copy also
+    checks every value and raises one :class:`WeightsError` naming the tensors that hold NaN or inf. Views of
+    memory-mapped files are read with ``pread``, never through the mapping, so a load's peak memory is the
+    params, not the params plus the mapped file (benchmarks/bench_sample.py)."""
     dtype = np.dtype(dtype)
-    leaves, treedef = jax.tree.flatten(params)
-    return jax.tree.unflatten(treedef, _thread_map(lambda x: _put(x, dtype), leaves))
+    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(params), strict=True) if params else ((), ())
+    copies = _thread_map(lambda x: _host_copy(x, dtype, component is not None), leaves)
+    if component is not None:
+        _raise_non_finite(component, paths, [finite for _, finite in copies])
+    out = _thread_map(lambda c: jax.device_put(c[0]).block_until_ready(), copies)
+    return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
-def _put(x: Any, dtype: np.dtype) -> jax.Array:
-    x = np.asarray(x).astype(dtype, copy=False)
-    if not x.flags.writeable and x.flags.c_contiguous:
-        x = x.copy()  # device_put would alias a memory-mapped file's pages: a rewrite of the file would show
-    return jax.device_put(x).block_until_ready()
+# Elements per copy step: a step's source and destination stay in cache for the finiteness check.
+_COPY_CHUNK = 1 << 18
+# CPU devices use a host buffer with this alignment in place instead of copying it (XLA's minimum alignment).
+_DEVICE_ALIGNMENT = 64
+
+
+def _host_copy(x: Any, dtype: np.dtype, check: bool) -> tuple[np.ndarray, bool]:
+    """(a fresh 64-byte-aligned C-contiguous copy of ``x`` cast to ``dtype``, whether every value of ``x`` is
+    finite (True when not ``check``)).
+
+    A contiguous view of a memory-mapped file is read from the file with ``pread`` instead of through the
+    mapping: the page faults of touching a mapping cost more than the copy (2.5-3 s vs 0.5 s for an SD 1.5 UNet
+    in a fresh process), and the mapped pages would count toward this process's memory."""
+    src = np.asarray(x)
+    buffer = np.empty(src.size * dtype.itemsize + _DEVICE_ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % _DEVICE_ALIGNMENT
+    out = buffer[start : start + src.size * dtype.itemsize].view(dtype).reshape(src.shape)
+    where = _file_range(src) if src.flags.c_contiguous else None
+    raw = out if src.dtype == dtype else np.empty(src.shape, src.dtype)
+    flat_src, flat_raw, finite = src.reshape(-1), raw.reshape(-1), True
+    fd = os.open(where[0], os.O_RDONLY) if where else None
+    try:
+        for i in range(0, src.size, _COPY_CHUNK):
+            part = flat_raw[i : i + _COPY_CHUNK]
+            if fd is None:
+                np.copyto(part, flat_src[i : i + _COPY_CHUNK], casting="unsafe")
+            elif os.preadv(fd, [part.view(np.uint8)], where[1] + i * src.dtype.itemsize) != part.nbytes:
+                raise WeightsError(f"{where[0]} is shorter than its header says; the file is truncated")
+            if check and finite:
+                finite = bool(np.isfinite(part).all())
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if raw is not out:
+        np.copyto(out, raw, casting="unsafe")
+    return out, finite
+
+
+def _file_range(x: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) of the data of ``x`` when it is a view of an ``np.memmap`` (np.asarray and reshapes
+    drop the subclass, so the chain of bases is searched), else None."""
+    base = x
+    while base is not None and getattr(base, "_mmap", None) is None:
+        base = getattr(base, "base", None)
+    if base is None or not getattr(base, "filename", None) or not hasattr(os, "preadv"):
+        return None
+    mapping_offset = base.offset - base.offset % mmap.ALLOCATIONGRANULARITY  # where np.memmap's mmap starts
+    mapping_start = np.frombuffer(base._mmap, np.uint8).ctypes.data
+    return base.filename, mapping_offset + x.ctypes.data - mapping_start
 
 
 def _thread_map(fn: Any, items: Iterable[Any]) -> list[Any]:

@@ -239,7 +239,7 @@ def ids_where_pooling_rules_differ() -> np.ndarray:
 def test_projection_model_loads_as_its_own_class(projection_pair):
     _, module, params, _ = projection_pair
     assert type(module) is CLIPTextModelWithProjection
-    assert params["text_projection"]["kernel"].shape == (64, 32)  # bias-free Dense to projection_dim
+    assert params["text_projection"]["kernel"].shape == (32, 64)  # bias-free Dense to projection_dim, (out, in)
     assert "bias" not in params["text_projection"]
 
 
@@ -279,7 +279,7 @@ def test_projection_pools_by_the_legacy_or_eos_rule(projection_pair):
     text_embeds, last = module.apply({"params": params}, jnp.asarray(ids))
     position = 2 if module.config.eos_token_id == 2 else 4
     kernel = np.asarray(params["text_projection"]["kernel"], np.float64)
-    expected = np.asarray(last, np.float64)[0, position] @ kernel
+    expected = np.asarray(last, np.float64)[0, position] @ kernel.T
     np.testing.assert_allclose(np.asarray(text_embeds[0], np.float64), expected, rtol=1e-5, atol=1e-5)
 
 

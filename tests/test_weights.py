@@ -12,14 +12,14 @@ from sdjax.weights import WeightsError
 
 EXPECTED = {
     "conv_in": {
-        "kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), np.float32),
+        "kernel": jax.ShapeDtypeStruct((8, 4, 3, 3), np.float32),
         "bias": jax.ShapeDtypeStruct((8,), np.float32),
     },
     "down_blocks_0": {
         "resnets_1": {"norm1": {"scale": jax.ShapeDtypeStruct((8,), np.float32)}},
-        "attentions_0": {"to_out_0": {"kernel": jax.ShapeDtypeStruct((8, 6), np.float32)}},
+        "attentions_0": {"to_out_0": {"kernel": jax.ShapeDtypeStruct((6, 8), np.float32)}},
     },
-    "time_embedding": {"linear_1": {"kernel": jax.ShapeDtypeStruct((8, 16), np.float32)}},
+    "time_embedding": {"linear_1": {"kernel": jax.ShapeDtypeStruct((16, 8), np.float32)}},
     "token_embedding": {"embedding": jax.ShapeDtypeStruct((10, 8), np.float32)},
 }
 
@@ -49,12 +49,12 @@ def test_torch_keys_map_to_flax_paths_and_back():
     )
 
 
-def test_conversion_transposes_conv_and_linear_and_renames_norm_and_embedding():
+def test_conversion_keeps_torch_kernel_layouts_and_renames_norm_and_embedding():
     state = torch_state()
     params = weights.torch_to_flax(state, EXPECTED)
-    np.testing.assert_array_equal(params["conv_in"]["kernel"], state["conv_in.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["conv_in"]["kernel"], state["conv_in.weight"])
     np.testing.assert_array_equal(
-        params["time_embedding"]["linear_1"]["kernel"], state["time_embedding.linear_1.weight"].T
+        params["time_embedding"]["linear_1"]["kernel"], state["time_embedding.linear_1.weight"]
     )
     np.testing.assert_array_equal(
         params["down_blocks_0"]["resnets_1"]["norm1"]["scale"], state["down_blocks.0.resnets.1.norm1.weight"]
@@ -81,7 +81,7 @@ def test_one_error_lists_missing_unexpected_and_mismatched_keys():
     assert "\n" not in message
     assert "1 missing (conv_in.bias)" in message
     assert "1 unexpected (conv_out.weight)" in message
-    assert "1 shape-mismatched (time_embedding.linear_1.weight (9, 16) vs model (8, 16))" in message
+    assert "1 shape-mismatched (time_embedding.linear_1.weight (16, 9) vs model (16, 8))" in message
 
 
 def test_error_lists_only_the_first_few_of_many_keys():
@@ -104,7 +104,7 @@ def test_one_by_one_conv_loads_into_linear_kernel():
     expected = {"to_q": {"kernel": jax.ShapeDtypeStruct((8, 8), np.float32)}}
     w = np.random.default_rng(1).normal(size=(8, 8, 1, 1)).astype(np.float32)
     params = weights.torch_to_flax({"to_q.weight": w}, expected)
-    np.testing.assert_array_equal(params["to_q"]["kernel"], w[:, :, 0, 0].T)
+    np.testing.assert_array_equal(params["to_q"]["kernel"], w[:, :, 0, 0])
 
 
 def test_weight_files_prefer_plain_then_fp16_and_read_shards(tmp_path):
@@ -201,7 +201,7 @@ def test_component_with_missing_unexpected_and_mismatched_keys_is_one_error(vae_
     assert "AutoencoderKL" in message and str(vae_folder) in message
     assert "1 missing (decoder.conv_out.bias)" in message
     assert "1 unexpected (encoder.extra.weight)" in message
-    assert "1 shape-mismatched (quant_conv.weight (3, 3, 8, 8) vs model (1, 1, 8, 8))" in message
+    assert "1 shape-mismatched (quant_conv.weight (8, 8, 3, 3) vs model (8, 8, 1, 1))" in message
 
 
 def test_component_config_with_unsupported_fields_is_one_error(vae_folder):

@@ -214,15 +214,16 @@ def _merge(kernels: list, factors: list, coefficients: list) -> list:
 
 def merged_kernel(kernel: jax.Array, updates: Sequence[tuple[Any, Any, Any]]) -> jax.Array:
     """``kernel + sum(coefficient * up @ down)`` over ``updates`` of (down, up, coefficient), in float32, cast back
-    to the kernel's dtype. kernel: flax layout (in, out) or HWIO; down (r, in[, kh, kw]), up (out, r). Traceable:
+    to the kernel's dtype. kernel: (out, in) or (out, in, kh, kw) (PyTorch's layout, kept by sdjax's layers); down
+    (r, in[, kh, kw]), up (out, r). Traceable:
     training differentiates it with respect to the factors (:mod:`sdjax.train.lora_stage`)."""
     delta = sum(coefficient * _delta(down, up, kernel.ndim) for down, up, coefficient in updates)
     return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
 
 def _delta(down: jax.Array, up: jax.Array, ndim: int) -> jax.Array:
-    """up @ down in the flax kernel layout: (in, out) for a linear kernel, HWIO for a conv kernel."""
-    spec = "ri,or->io" if ndim == 2 else "rihw,or->hwio"
+    """up @ down in the kernel layout: (out, in) for a linear kernel, (out, in, kh, kw) for a conv kernel."""
+    spec = "ri,or->oi" if ndim == 2 else "rihw,or->oihw"
     return jnp.einsum(spec, down, up, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -394,19 +395,19 @@ def _layer(
     down, up = (np.asarray(parts[r], np.float32) for r in ("down", "up"))
     if not (np.isfinite(down).all() and np.isfinite(up).all() and np.isfinite(parts.get("alpha", 0.0)).all()):
         return f"non-finite:{component}:{module}"
-    shape = tuple(kernel.shape)  # (in, out) or (kh, kw, in, out)
+    shape = tuple(kernel.shape)  # (out, in) or (out, in, kh, kw)
     rank = down.shape[0] if down.ndim else 0
     if down.ndim == 4 and len(shape) == 2 and down.shape[2:] == (1, 1):
         down = down[:, :, 0, 0]  # 1x1-conv LoRA stored for a linear layer
-    if down.ndim == 2 and len(shape) == 4 and shape[:2] == (1, 1):
+    if down.ndim == 2 and len(shape) == 4 and shape[2:] == (1, 1):
         down = down[:, :, None, None]
     if up.ndim == 4 and up.shape[2:] == (1, 1):
         up = up[:, :, 0, 0]
-    expected_down = (rank, shape[-2], *shape[:2]) if len(shape) == 4 else (rank, shape[0])
-    if up.ndim != 2 or up.shape != (shape[-1], rank) or down.shape != expected_down:
+    expected_down = (rank, *shape[1:])
+    if up.ndim != 2 or up.shape != (shape[0], rank) or down.shape != expected_down:
         return (
             f"shape:{component}:{module} down {tuple(parts['down'].shape)}, up {tuple(parts['up'].shape)} vs "
-            f"layer (out, in{', kh, kw' if len(shape) == 4 else ''}) = {(shape[-1], shape[-2], *shape[:-2])}"
+            f"layer (out, in{', kh, kw' if len(shape) == 4 else ''}) = {shape}"
         )
     alpha, rank_scale = _alpha(module, rank, parts, config)
     return LoraLayer(component, target, jnp.asarray(down), jnp.asarray(up), alpha / rank_scale)

@@ -255,6 +255,5 @@ def build_networks(
             ignored=module.torch_ignored_keys,
             component=f"{class_name} ({where})",
         )
-        weights.check_finite(tree, f"{class_name} ({where})")
-        modules[name], params[name] = module, weights.to_device(tree, dtype_of)
+        modules[name], params[name] = module, weights.to_device(tree, dtype_of, component=f"{class_name} ({where})")
     return modules, params

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sdjax.models.config import ModelConfig, UnsupportedConfigError
-from sdjax.models.layers import Dtype, dot_product_attention
+from sdjax.models.layers import Dense, Dtype, dot_product_attention
 
 ACTIVATIONS = {
     # OpenAI CLIP's sigmoid approximation of GELU (SD 1.x, openai/clip-vit-large-patch14).
@@ -117,11 +117,11 @@ class CLIPAttention(nn.Module):
         heads, dim = cfg.num_attention_heads, cfg.hidden_size
 
         def proj(name: str) -> jax.Array:
-            y = nn.Dense(dim, dtype=self.dtype, name=name)(x)
+            y = Dense(dim, dtype=self.dtype, name=name)(x)
             return y.reshape(*y.shape[:-1], heads, dim // heads)
 
         out = dot_product_attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), is_causal=True)
-        return nn.Dense(dim, dtype=self.dtype, name="out_proj")(out.reshape(*out.shape[:-2], dim))
+        return Dense(dim, dtype=self.dtype, name="out_proj")(out.reshape(*out.shape[:-2], dim))
 
 
 class CLIPMLP(nn.Module):
@@ -132,9 +132,9 @@ class CLIPMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        x = Dense(self.config.intermediate_size, dtype=self.dtype, name="fc1")(x)
         x = ACTIVATIONS[self.config.hidden_act](x)
-        return nn.Dense(self.config.hidden_size, dtype=self.dtype, name="fc2")(x)
+        return Dense(self.config.hidden_size, dtype=self.dtype, name="fc2")(x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -247,7 +247,7 @@ class CLIPTextModelWithProjection(_CLIPTextTransformer):
 
     def setup(self):
         super().setup()
-        self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
+        self.text_projection = Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
 
     def __call__(
         self, input_ids: jax.Array, output_hidden_states: bool = False

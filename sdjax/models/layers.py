@@ -1,10 +1,14 @@
 """Building blocks shared by the VAE and the UNet (NHWC throughout).
 
 Submodule names mirror the attribute names of diffusers' PyTorch modules, with list indices joined by "_"
-(``to_out.0`` -> ``to_out_0``), so that weight conversion in :mod:`sdjax.weights` is a mechanical renaming.
+(``to_out.0`` -> ``to_out_0``), and :class:`Dense` and :class:`Conv` keep their kernels in PyTorch's layout
+((out, in) and (out, in, kh, kw)), so that weight conversion in :mod:`sdjax.weights` is a renaming and loading
+a checkpoint copies each tensor as it is stored, with no transposes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,91 @@ import numpy as np
 from flax import linen as nn
 
 Dtype = jnp.dtype
+
+# On the CPU a 3x3 conv whose output has at most this many positions (batch x height x width) runs as one
+# matmul over gathered patches ("im2col"): XLA:CPU's convolution is 2-3x slower than that matmul there (the
+# UNet's 8x8 and 4x4 levels); above it the native convolution is faster (benchmarks/profile_unet.py).
+CPU_IM2COL_MAX_POSITIONS = 512
+
+# PyTorch's default initialisers for these layouts: fan-in from axis 1 (in) and the window, fan-out axis 0.
+_KERNEL_INIT = nn.initializers.lecun_normal(in_axis=1, out_axis=0)
+
+
+class Dense(nn.Module):
+    """A linear layer with PyTorch's kernel layout: (..., in) -> (..., features), ``kernel`` (features, in).
+
+    The same function as ``flax.linen.Dense`` (whose kernel is (in, features)); keeping PyTorch's layout lets
+    checkpoints load without a transpose, and XLA's matmuls read either layout at the same speed."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _KERNEL_INIT, (self.features, x.shape[-1]), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((), ())))
+        return y if bias is None else y + bias
+
+
+class Conv(nn.Module):
+    """A 2-d convolution on NHWC inputs with PyTorch's kernel layout (features, in, kh, kw).
+
+    (B, H, W, in) -> (B, H', W', features). ``padding``: an int for every side or ((top, bottom), (left, right)).
+    A 1x1 conv is a matmul; see :func:`conv2d` for the rest."""
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: int | Sequence[tuple[int, int]] = 0
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.features, x.shape[-1], *self.kernel_size)
+        kernel = self.param("kernel", _KERNEL_INIT, shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        pad = self.padding
+        padding = ((pad, pad), (pad, pad)) if isinstance(pad, int) else tuple(tuple(p) for p in pad)
+        y = conv2d(x, kernel, tuple(self.strides), padding)
+        return y if bias is None else y + bias
+
+
+def conv2d(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
+) -> jax.Array:
+    """Cross-correlation of NHWC ``x`` (B, H, W, I) with an OIHW ``kernel`` (O, I, kh, kw) -> (B, H', W', O).
+
+    A 1x1 stride-1 conv is a matmul everywhere. On the CPU, an output of at most ``CPU_IM2COL_MAX_POSITIONS``
+    positions is one matmul over the gathered patches; otherwise ``lax.conv_general_dilated`` (cuDNN on GPU)."""
+    o, i, kh, kw = kernel.shape
+    if (kh, kw) == (1, 1) and strides == (1, 1) and not any(p for side in padding for p in side):
+        return jax.lax.dot_general(x, kernel.reshape(o, i), (((3,), (1,)), ((), ())))
+    b, h, w, _ = x.shape
+    out_h = (h + sum(padding[0]) - kh) // strides[0] + 1
+    out_w = (w + sum(padding[1]) - kw) // strides[1] + 1
+    if jax.default_backend() == "cpu" and b * out_h * out_w <= CPU_IM2COL_MAX_POSITIONS:
+        return _im2col_conv(x, kernel, strides, padding, (out_h, out_w))
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "OIHW", "NHWC"))
+
+
+@jax.named_scope("im2col_conv")  # benchmarks/profile_unet.py counts these ops as convolutions
+def _im2col_conv(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple, out_hw: tuple[int, int]
+) -> jax.Array:
+    (o, i, kh, kw), b, (out_h, out_w) = kernel.shape, x.shape[0], out_hw
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    rows, cols = strides[0] * (out_h - 1) + 1, strides[1] * (out_w - 1) + 1
+    taps = [xp[:, dy : dy + rows : strides[0], dx : dx + cols : strides[1]] for dy in range(kh) for dx in range(kw)]
+    # patches ordered (in, kh, kw), like the kernel's trailing axes
+    patches = jnp.stack(taps, axis=-1).reshape(b, out_h, out_w, i * kh * kw)
+    return jax.lax.dot_general(patches, kernel.reshape(o, i * kh * kw), (((3,), (1,)), ((), ())))
 
 
 def attention_implementation(dtype: Dtype) -> str | None:
@@ -112,13 +201,13 @@ class Attention(nn.Module):
         inner = self.heads * self.dim_head
 
         def proj(name: str, y: jax.Array) -> jax.Array:
-            y = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
+            y = Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
             return y.reshape(*y.shape[:-1], self.heads, self.dim_head)
 
         q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
         out = dot_product_attention(q, k, v, upcast=self.upcast_attention)
         out = out.reshape(*out.shape[:-2], inner)
-        out = nn.Dense(channels, dtype=self.dtype, name="to_out_0")(out)
+        out = Dense(channels, dtype=self.dtype, name="to_out_0")(out)
         if spatial:
             out = out.reshape(residual.shape)
         if self.norm_num_groups is not None:
@@ -140,16 +229,16 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
         h = nn.swish(h)
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
+        h = Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
         if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.swish(temb))
+            t = Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.swish(temb))
             h = h + t[:, None, None, :]
         h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h)
         h = nn.swish(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
+        h = Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+            x = Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
 
 
@@ -164,7 +253,7 @@ class Downsample2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         padding = ((0, 1), (0, 1)) if self.pad_right_bottom else ((1, 1), (1, 1))
-        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=padding, dtype=self.dtype, name="conv")(x)
+        return Conv(self.channels, (3, 3), strides=(2, 2), padding=padding, dtype=self.dtype, name="conv")(x)
 
 
 class Upsample2D(nn.Module):
@@ -183,4 +272,4 @@ class Upsample2D(nn.Module):
             rows = (np.arange(output_size[0]) * h) // output_size[0]
             cols = (np.arange(output_size[1]) * w) // output_size[1]
             x = x[:, rows][:, :, cols]
-        return nn.Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)
+        return Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from sdjax.models.config import ModelConfig, UnsupportedConfigError
-from sdjax.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from sdjax.models.layers import Attention, Conv, Dense, Downsample2D, ResnetBlock2D, Upsample2D
 
 Dtype = jnp.dtype
 
@@ -236,8 +236,8 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(x)
-        return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(nn.swish(x))
+        x = Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(x)
+        return Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(nn.swish(x))
 
 
 class GEGLU(nn.Module):
@@ -248,7 +248,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        value, gate = jnp.split(nn.Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        value, gate = jnp.split(Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x), 2, axis=-1)
         return value * nn.gelu(gate, approximate=False)
 
 
@@ -262,7 +262,7 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
         x = GEGLU(dim * self.mult, dtype=self.dtype, name="net_0")(x)
-        return nn.Dense(dim, dtype=self.dtype, name="net_2")(x)
+        return Dense(dim, dtype=self.dtype, name="net_2")(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -325,9 +325,9 @@ class Transformer2DModel(nn.Module):
         hidden = nn.GroupNorm(self.groups, epsilon=1e-6, use_fast_variance=False, dtype=self.dtype, name="norm")(x)
         # A 1x1 conv on NHWC is the same matmul as a Dense; the two differ only in the stored kernel shape.
         if linear:
-            hidden = nn.Dense(inner, dtype=self.dtype, name="proj_in")(hidden.reshape(b, h * w, c))
+            hidden = Dense(inner, dtype=self.dtype, name="proj_in")(hidden.reshape(b, h * w, c))
         else:
-            hidden = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(hidden).reshape(b, h * w, inner)
+            hidden = Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(hidden).reshape(b, h * w, inner)
         block = _RematBasicTransformerBlock if self.remat else BasicTransformerBlock
         for i in range(self.spec.depth):
             hidden = block(
@@ -338,9 +338,9 @@ class Transformer2DModel(nn.Module):
                 name=f"transformer_blocks_{i}",
             )(hidden, context)
         if linear:
-            hidden = nn.Dense(c, dtype=self.dtype, name="proj_out")(hidden).reshape(b, h, w, c)
+            hidden = Dense(c, dtype=self.dtype, name="proj_out")(hidden).reshape(b, h, w, c)
         else:
-            hidden = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(hidden.reshape(b, h, w, inner))
+            hidden = Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(hidden.reshape(b, h, w, inner))
         return hidden + x
 
 
@@ -581,7 +581,7 @@ class UNet2DConditionModel(nn.Module):
         temb = self._time_embedding(timesteps, sample.shape[0])
         if cfg.addition_embed_type == "text_time":
             temb = temb + self._text_time_embedding(text_embeds, time_ids)
-        x = nn.Conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(sample)
+        x = Conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(sample)
 
         skips = [x]
         for i, (block_type, channels) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels, strict=True)):
@@ -620,4 +620,4 @@ class UNet2DConditionModel(nn.Module):
             )(x, block_skips, temb, encoder_hidden_states, upsample_size)
 
         x = nn.GroupNorm(groups, epsilon=eps, use_fast_variance=False, dtype=self.dtype, name="conv_norm_out")(x)
-        return nn.Conv(cfg.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(nn.swish(x))
+        return Conv(cfg.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(nn.swish(x))

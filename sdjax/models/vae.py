@@ -17,7 +17,7 @@ from flax import linen as nn
 from flax import struct
 
 from sdjax.models.config import ModelConfig, UnsupportedConfigError
-from sdjax.models.layers import Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D
+from sdjax.models.layers import Attention, Conv, Downsample2D, Dtype, ResnetBlock2D, Upsample2D
 
 # diffusers builds every VAE norm with this epsilon, whatever the config says.
 NORM_EPS = 1e-6
@@ -183,14 +183,14 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        x = nn.Conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x)
+        x = Conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x)
         last = len(cfg.block_out_channels) - 1
         for i, channels in enumerate(cfg.block_out_channels):
             x = DownEncoderBlock2D(cfg, channels, i < last, self.dtype, name=f"down_blocks_{i}")(x)
         x = UNetMidBlock2D(cfg, self.dtype, name="mid_block")(x)
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=NORM_EPS, dtype=self.dtype, name="conv_norm_out")(x)
         x = nn.swish(x)
-        return nn.Conv(2 * cfg.latent_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
+        return Conv(2 * cfg.latent_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
 
 
 class Decoder(nn.Module):
@@ -204,13 +204,13 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
         channels = tuple(reversed(cfg.block_out_channels))
-        x = nn.Conv(channels[0], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z)
+        x = Conv(channels[0], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z)
         x = UNetMidBlock2D(cfg, self.dtype, name="mid_block")(x)
         for i, out_channels in enumerate(channels):
             x = UpDecoderBlock2D(cfg, out_channels, i < len(channels) - 1, self.dtype, name=f"up_blocks_{i}")(x)
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=NORM_EPS, dtype=self.dtype, name="conv_norm_out")(x)
         x = nn.swish(x)
-        return nn.Conv(cfg.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
+        return Conv(cfg.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -238,9 +238,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg, self.dtype)
         self.decoder = Decoder(cfg, self.dtype)
         if cfg.use_quant_conv:
-            self.quant_conv = nn.Conv(2 * cfg.latent_channels, (1, 1), dtype=self.dtype)
+            self.quant_conv = Conv(2 * cfg.latent_channels, (1, 1), dtype=self.dtype)
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), dtype=self.dtype)
+            self.post_quant_conv = Conv(cfg.latent_channels, (1, 1), dtype=self.dtype)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
         """Images (B, H, W, in_channels) in [-1, 1], any float dtype -> float32 posterior over

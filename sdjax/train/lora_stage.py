@@ -74,7 +74,7 @@ class LoraStage:
                 kernel = model.frozen[component]
                 for part in path:
                     kernel = kernel[part]
-                *window, fan_in, fan_out = kernel.shape  # (in, out) or (kh, kw, in, out)
+                fan_out, fan_in, *window = kernel.shape  # (out, in) or (out, in, kh, kw)
                 key = jax.random.fold_in(jax.random.fold_in(rng, c), i)
                 bound = 1.0 / np.sqrt(fan_in * int(np.prod(window, dtype=int)))
                 down_shape = (config.lora.rank, fan_in, *window)
