@@ -87,6 +87,10 @@ def conv2d(
     out_w = (w + sum(padding[1]) - kw) // strides[1] + 1
     if jax.default_backend() == "cpu" and b * out_h * out_w <= CPU_IM2COL_MAX_POSITIONS:
         return _im2col_conv(x, kernel, strides, padding, (out_h, out_w))
+    if jax.default_backend() == "cpu":
+        return jax.lax.conv_general_dilated(
+            x, kernel.transpose(2, 3, 1, 0), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "OIHW", "NHWC"))
 
 
