@@ -1,8 +1,10 @@
 """Torch-free weight conversion: key mapping, layouts, and the one-error-for-all-problems contract."""
 
 import json
+import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -212,3 +214,31 @@ def test_component_config_with_unsupported_fields_is_one_error(vae_folder):
     (vae_folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedConfigError, match="act_fn='gelu'"):
         weights.load_component(vae_folder)
+
+
+def test_to_device_reads_mapped_tensors_as_stored_and_casts(tmp_path):
+    """Loading copies each tensor of the mapped file once (read with pread, not through the mapping) into an
+    aligned buffer, casting on the way; odd tensor sizes leave the later tensors unaligned in the file."""
+    rng = np.random.default_rng(3)
+    state = {
+        "a.weight": rng.normal(size=(3,)).astype(np.float32),  # 12 bytes: misaligns what follows
+        "b.weight": rng.normal(size=(7, 5, 3, 3)).astype(np.float32),
+        "c.weight": rng.normal(size=(6, 4)).astype(np.float16),
+    }
+    save_file(state, str(tmp_path / "w.safetensors"))
+    mapped = weights.read_safetensors([tmp_path / "w.safetensors"])
+    assert all(weights._file_range(np.asarray(v)) is not None for v in mapped.values())
+    for dtype in (np.float32, jnp.bfloat16):
+        out = weights.to_device(dict(mapped), dtype, component="test")
+        for key, value in state.items():
+            assert out[key].dtype == dtype
+            np.testing.assert_array_equal(np.asarray(out[key]), value.astype(dtype))
+
+
+def test_file_truncated_after_its_header_was_read_is_one_error(tmp_path):
+    file = tmp_path / "w.safetensors"
+    save_file({"w.weight": np.ones((256, 256), np.float32)}, str(file))
+    mapped = weights.read_safetensors([file])
+    os.truncate(file, file.stat().st_size - 4096)
+    with pytest.raises(WeightsError, match="shorter than its header says"):
+        weights.to_device(mapped, np.float32, component="test")
