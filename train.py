@@ -32,6 +32,7 @@ sdjax.StableDiffusion.from_pretrained(workdir).
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import socket
 import sys
@@ -153,9 +154,25 @@ def start_cluster() -> None:
 
 
 def _lost_peer(error: BaseException) -> bool:
-    # A collective whose peer process died: gloo's TCP pair closes (XLA raises it as ValueError/RuntimeError).
+    # A collective whose peer process died: gloo's TCP pair closes (XLA raises it as ValueError/RuntimeError);
+    # or a barrier the peer never reaches times out (Orbax's async_write_complete barrier after a save).
     text = str(error).lower()
+    if "barrier" in text and ("timed out" in text or "deadline" in text):
+        return True
     return any(s in text for s in ("gloo", "connection closed by peer", "coordination service", "heartbeat"))
+
+
+class _OneLineBackgroundErrors(pylogging.Filter):
+    """When a peer dies during a save, Orbax's background commit thread logs its barrier error with a traceback
+    just before train.py reports the lost peer in one line: keep that record's message and the exception's first
+    line, drop the traceback."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and "orbax" in record.pathname:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {str(error).splitlines()[0]})"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
 
 
 def _exit_now(status: int) -> NoReturn:
@@ -183,6 +200,7 @@ def main(argv: list[str]) -> None:
     distributed = bool(config.get("distributed"))
     if distributed:
         start_cluster()
+        logging.get_absl_handler().addFilter(_OneLineBackgroundErrors())
     logging.info("process %d/%d, %d local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.local_devices())  # fmt: skip
 
