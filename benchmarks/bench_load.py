@@ -4,9 +4,11 @@
 
 Without ``--folder`` a diffusers folder (about 4.3 GB of float32 safetensors) and the same weights as one
 single-file (LDM-named) checkpoint are written to a temporary folder first. Then, interleaved, each fastest of
-``--repeats``: diffusers ``StableDiffusionPipeline.from_pretrained(folder)``, ``sdjax.StableDiffusion.from_pretrained``
-on the folder and on the single file. All in this one process, so the files are in the page cache for every
-load alike (the first, cold read is a warm-up and not counted). Prints a Markdown table with the load average.
+``--repeats``: diffusers ``StableDiffusionPipeline.from_pretrained(folder)`` (alone, and followed by a first
+read of every weight, which its lazily mapped tensors defer to the first denoising step),
+``sdjax.StableDiffusion.from_pretrained`` on the folder and on the single file. All in this one process, so the
+files are in the page cache for every load alike (the first, cold read is a warm-up and not counted). Prints a
+Markdown table with the load average.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ def write_single_file(folder: Path, file: Path) -> None:
     save_file({k: v.copy() for k, v in ldm_names.diffusers_to_ldm(components).items()}, str(file))
 
 
+def touch_weights(pipe) -> None:
+    """Reads one byte of every 4 KiB page of every diffusers weight: what the first denoising step does to a
+    pipeline whose tensors are still the memory-mapped file's untouched pages (page faults, no arithmetic)."""
+    import torch
+
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for tensor in model.state_dict().values():
+            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            int(flat[::4096].sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folder", help="an SD 1.x diffusers folder (default: random SD 1.5 weights, written here)")
@@ -62,23 +75,27 @@ def main() -> None:
         dtype = jnp.dtype(args.dtype)
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
-        def load(fn):
+        def load(fn, touch=False):
             def run():
                 pipe = fn()
                 if hasattr(pipe, "params"):
                     jax.block_until_ready(pipe.params)
+                if touch:
+                    touch_weights(pipe)
                 del pipe
                 gc.collect()
 
             return run
 
+        def diffusers_load():
+            return diffusers.StableDiffusionPipeline.from_pretrained(
+                folder, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            )
+
         times = interleaved_min(
             {
-                "diffusers folder": load(
-                    lambda: diffusers.StableDiffusionPipeline.from_pretrained(
-                        folder, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-                    )
-                ),
+                "diffusers folder": load(diffusers_load),
+                "diffusers folder, weights read": load(diffusers_load, touch=True),
                 "sdjax folder": load(lambda: sdjax.StableDiffusion.from_pretrained(folder, dtype=dtype)),
                 "sdjax single file": load(
                     lambda: sdjax.StableDiffusion.from_pretrained(
@@ -95,6 +112,10 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f}",
         [
             ("diffusers from_pretrained(folder) s", f"{d:.2f}"),
+            (
+                "diffusers from_pretrained(folder) + first read of every weight s",
+                f"{times['diffusers folder, weights read']:.2f}",
+            ),
             ("sdjax from_pretrained(folder) s", f"{times['sdjax folder']:.2f} ({d / times['sdjax folder']:.2f}x)"),
             (
                 "sdjax from_pretrained(single file) s",

@@ -1,4 +1,4 @@
-"""Per-platform choices made before JAX starts: the XLA:CPU flags entry points set.
+"""Per-platform choices: the XLA:CPU flags entry points set before JAX starts, and giving freed heap back.
 
 Importing sdjax changes no global state: only entry points (today the benchmarks) call :func:`configure_cpu`,
 first thing. No flag has yet been measured to help the whole UNet (benchmarks/bench_unet.py --sweep-flags), so
@@ -33,3 +33,23 @@ def _backend_started(jax_module) -> bool:
     from jax._src import xla_bridge
 
     return bool(xla_bridge._backends)
+
+
+def release_free_memory() -> bool:
+    """Hands the C heap's free pages back to the OS (glibc ``malloc_trim``); returns whether it could.
+
+    XLA frees what a compilation used (0.3-0.4 GiB for the SD 1.5 sampling program) but glibc keeps those pages
+    in its arenas, where the program's buffers, allocated afresh at run time, do not reuse them: the pages count
+    toward the process's memory for as long as it runs. The pipeline calls this after each compile (a few ms).
+    A no-op returning False off glibc (macOS, musl, Windows)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
