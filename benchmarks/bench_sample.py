@@ -145,7 +145,7 @@ def main() -> None:
             ("diffusers (PyTorch) s/image", f"{d['per_image']:.1f}"),
             ("sdjax s/image (after compile)", f"{j['per_image']:.1f}"),
             ("speed-up (diffusers / sdjax)", f"{d['per_image'] / j['per_image']:.2f}x"),
-            ("sdjax compile s (whole 50-step scan + VAE)", f"{j['compile']:.1f}"),
+            (f"sdjax compile s (whole {args.steps}-step scan + VAE)", f"{j['compile']:.1f}"),
             ("peak memory diffusers GiB", f"{d['peak_gb']:.2f}"),
             ("peak memory sdjax GiB (compiling)", f"{j['peak_gb']:.2f}"),
             ("peak memory sdjax GiB (program from the compile cache, sample.py's second run)", f"{w['peak_gb']:.2f}"),

@@ -80,3 +80,44 @@ def test_compute_dtype_casts_inputs_and_params():
     params = conv.init(jax.random.key(0), x)["params"]
     assert params["kernel"].dtype == jnp.float32  # stored in param_dtype
     assert conv.apply({"params": params}, x).dtype == jnp.bfloat16
+
+
+def _count_loops(jaxpr) -> int:
+    """Loops (scan / while, lax.map's included) in a closed jaxpr, nested ones counted."""
+    count = 0
+    for eqn in jaxpr.jaxpr.eqns:
+        if eqn.primitive.name in ("scan", "while"):
+            count += 1
+        for param in eqn.params.values():
+            if hasattr(param, "jaxpr") and hasattr(param, "consts"):
+                count += _count_loops(param)
+    return count
+
+
+@pytest.mark.parametrize(
+    ("b", "tq", "tk", "n", "h", "loops"),
+    [
+        (1, 16, 16, 2, 8, 0),  # scores fit one block
+        (1, 96, 8, 2, 8, 1),  # short keys: blocks of 48 queries over all heads
+        (2, 64, 64, 2, 8, 2),  # long keys: one head at a time, blocks of 16 queries
+        (1, 67, 64, 2, 8, 2),  # a prime query count: one block per head (no divisor to split by)
+    ],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_attention_matches_the_unchunked_softmax(monkeypatch, b, tq, tk, n, h, loops, dtype):
+    monkeypatch.setattr(layers, "CPU_SCORES_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(layers, "CPU_MIN_QUERY_BLOCK", 16)
+    monkeypatch.setattr(layers, "CPU_HEAD_QUERY_BLOCK", 16)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((b, tq, n, h), np.float32), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((b, tk, n, h), np.float32), dtype) for _ in range(2))
+    if loops == 0:
+        monkeypatch.setattr(layers, "CPU_SCORES_BLOCK_BYTES", 4 * 2**20)
+    ours = jax.jit(layers.chunked_attention)(q, k, v)
+    assert _count_loops(jax.make_jaxpr(layers.chunked_attention)(q, k, v)) == loops
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    scores = jnp.einsum("bqnh,bknh->bnqk", q32, k32, precision="highest") / np.sqrt(h)
+    expected = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(scores, axis=-1), v32, precision="highest")
+    assert ours.shape == (b, tq, n, h) and ours.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(ours, np.float32), expected, rtol=tol, atol=tol)

@@ -137,34 +137,53 @@ def dot_product_attention(
     return out.astype(out_dtype)
 
 
-# Bytes of float32 scores one query chunk may hold: small enough to stay in a CPU's L2/L3 cache.
-CPU_SCORES_CHUNK_BYTES = 4 * 2**20
+# Blocks of float32 scores that stay in a CPU's cache (measured best on a 2-core Xeon, see chunked_attention):
+# up to CPU_SCORES_BLOCK_BYTES over all heads when such a block still holds CPU_MIN_QUERY_BLOCK queries (short
+# keys: cross-attention, low resolutions), else one head at a time, CPU_HEAD_QUERY_BLOCK queries per block.
+CPU_SCORES_BLOCK_BYTES = 4 * 2**20
+CPU_MIN_QUERY_BLOCK = 256
+CPU_HEAD_QUERY_BLOCK = 512
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(H)) v on (B, T, N, H) tensors, a block of queries at a time (``lax.map``), with the
-    scores and softmax in float32; returns (B, Tq, N, H) in q's dtype.
+    """softmax(q k^T / sqrt(H)) v on (B, T, N, H) tensors, computed in blocks that stay in a CPU's cache, with
+    the scores and softmax in float32; returns (B, Tq, N, H) in q's dtype.
 
     XLA:CPU runs ``jax.nn.dot_product_attention`` as three passes over the whole (B, N, Tq, Tk) score matrix
-    (24 MB-64 MB at SD 1.5's 32x32 latents), out of cache; blocks of ~4 MB run 3-6x faster on a 2-core Xeon
-    (benchmarks/profile_unet.py). The softmax is normalised after the value product (one pass less).
+    (64 MB for SD 1.5's 32x32 latents), out of cache: 90 ms for a (2, 1024, 8, 40) self-attention on a 2-core
+    Xeon. In blocks of queries over all heads (~4 MB of scores) it takes 28 ms, but each head's share of a block
+    is then only 64 queries; one head at a time (``lax.map``) in blocks of 512 queries makes each block's two
+    products plain 2-D matmuls: 19 ms (PyTorch's fused CPU kernel: 11 ms). At 64x64 latents (4096 tokens): 818
+    -> 273 ms (blocks of 256 / 512 / 1024 queries: 27 / 20 / 24 ms at 1024 tokens; of 64 / 128 / 256 / 512:
+    516 / 329 / 334 / 273 ms at 4096). Short keys (cross-attention's 77) keep the all-heads blocks, faster
+    there (2.6 vs 3.7 ms). The softmax is normalised after the value product (one pass less).
     """
     b, tq, n, h = q.shape
+    tk = k.shape[1]
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q * jnp.asarray(h**-0.5, q.dtype), k, v))  # (B, N, T, H)
-    chunk = _query_chunk(tq, b * n * k.shape[2] * 4)
-    if chunk == tq:
+    row_bytes = b * n * tk * 4  # float32 scores of one query, all heads
+    if tq * row_bytes <= CPU_SCORES_BLOCK_BYTES:
         out = _attention_block(q, k, v)
-    else:
+    elif CPU_SCORES_BLOCK_BYTES // row_bytes >= CPU_MIN_QUERY_BLOCK:
+        chunk = _query_chunk(tq, CPU_SCORES_BLOCK_BYTES // row_bytes)
         blocks = q.reshape(b, n, tq // chunk, chunk, h).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda qb: _attention_block(qb, k, v), blocks)
+        out = jax.lax.map(lambda q_block: _attention_block(q_block, k, v), blocks)
         out = out.transpose(1, 2, 0, 3, 4).reshape(b, n, tq, h)
+    else:
+        chunk = _query_chunk(tq, CPU_HEAD_QUERY_BLOCK)
+        heads = (q.reshape(b * n, tq // chunk, chunk, h), k.reshape(b * n, tk, h), v.reshape(b * n, tk, h))
+
+        def head(qkv: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:  # (Tq // chunk, chunk, H) queries
+            q_blocks, k_head, v_head = qkv
+            return jax.lax.map(lambda q_block: _attention_block(q_block, k_head, v_head), q_blocks)
+
+        out = jax.lax.map(head, heads).reshape(b, n, tq, h)
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _query_chunk(tq: int, row_bytes: int) -> int:
-    """The largest divisor of ``tq`` whose score block fits CPU_SCORES_CHUNK_BYTES (all of tq if it fits or if
-    only tiny blocks would)."""
-    limit = CPU_SCORES_CHUNK_BYTES // max(row_bytes, 1)
+def _query_chunk(tq: int, limit: int) -> int:
+    """The largest divisor of ``tq`` that is at most ``limit`` (all of tq if it fits or if only blocks of fewer
+    than 8 queries would)."""
     if limit >= tq:
         return tq
     chunk = max((d for d in range(1, limit + 1) if tq % d == 0), default=1)
@@ -172,9 +191,10 @@ def _query_chunk(tq: int, row_bytes: int) -> int:
 
 
 def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    s = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
+    """softmax(q k^T) v over the last two axes of (..., Tq, H), (..., Tk, H) tensors, scores in float32."""
+    s = jnp.einsum("...qh,...kh->...qk", q, k, preferred_element_type=jnp.float32)
     e = jnp.exp(s - s.max(axis=-1, keepdims=True))
-    out = jnp.einsum("bnqk,bnkh->bnqh", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("...qk,...kh->...qh", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out / e.sum(axis=-1, keepdims=True)
 
 
