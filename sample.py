@@ -9,9 +9,10 @@
 
 --model takes a diffusers folder (SD 1.x / 2.x or SDXL), an sdjax training workdir or a single-file .safetensors
 checkpoint (it gets the built-in CLIP tokenizer, or --tokenizer DIR; --prediction-type v_prediction for SD 2.x
-768-v); without it, models/shapes64. --sampler and --guidance default to the model's (SD: ddim, 7.5; SDXL: its
-scheduler's sampler, euler, and 5.0). With --refiner, the --model SDXL base runs the first --high-noise-frac of
-the schedule and the refiner the rest, on the base's latents (diffusers' "ensemble of expert denoisers").
+768-v); without it, the shipped shapes64 model (sdjax/shapes64/model). --sampler and --guidance default to the
+model's (SD: ddim, 7.5; SDXL: its scheduler's sampler, euler, and 5.0). With --refiner, the --model SDXL base
+runs the first --high-noise-frac of the schedule and the refiner the rest, on the base's latents (diffusers'
+"ensemble of expert denoisers").
 Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance in its text metadata) and
 grid.png, and prints the compile time and the time per image.
 """
@@ -34,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shapes64"
+from sdjax.shapes64 import MODEL_DIR as DEFAULT_MODEL  # noqa: E402
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -1,4 +1,4 @@
-r"""A LoRA that teaches the shipped shapes64 model (models/shapes64) a shape word it has never seen: "diamond".
+r"""A LoRA that teaches the shipped shapes64 model (sdjax/shapes64/model) a shape word it has never seen: "diamond".
 
     python docs/lora_diamond.py            # data folder, training, export and docs/lora_diamond.png
 
@@ -21,6 +21,8 @@ docs/lora_diamond.py.)
 import ml_collections
 from ml_collections import config_dict
 
+from sdjax.shapes64 import MODEL_DIR
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -39,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dtype = "float32"
     config.remat = False
 
-    config.pretrained_path = "models/shapes64"
+    config.pretrained_path = str(MODEL_DIR)
     config.lora = dict(
         rank=8,
         alpha=8.0,

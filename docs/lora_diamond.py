@@ -1,4 +1,4 @@
-r"""Teaches models/shapes64 a shape word it has never seen, "diamond", with a LoRA, and draws docs/lora_diamond.png
+r"""Teaches sdjax/shapes64/model a shape word it has never seen, "diamond", with a LoRA, and draws docs/lora_diamond.png
 (the README's before/after picture): top row the shipped model, bottom row the same model with the LoRA, same
 prompts and seeds.
 
@@ -73,7 +73,7 @@ def draw(base: str, lora_file: Path, out: Path, steps: int = 25, guidance: float
     pipe.load_lora_weights(lora_file)
     after = pipe.generate(list(PROMPTS), **kwargs)
     grid = images.image_grid(np.concatenate([before, after]), cols=len(PROMPTS))
-    images.save_png(grid, out, {"rows": "models/shapes64 | + diamond LoRA", "prompts": " | ".join(PROMPTS)})
+    images.save_png(grid, out, {"rows": "sdjax/shapes64/model | + diamond LoRA", "prompts": " | ".join(PROMPTS)})
 
 
 def main() -> int:
@@ -97,7 +97,7 @@ def main() -> int:
     t = time.monotonic()
     export = [sys.executable, "-m", "sdjax.export", args.workdir, args.lora, "--lora", "--overwrite"]
     subprocess.run(export, cwd=REPO, check=True)
-    draw("models/shapes64", Path(args.lora) / "pytorch_lora_weights.safetensors", Path(args.out))
+    draw("sdjax/shapes64/model", Path(args.lora) / "pytorch_lora_weights.safetensors", Path(args.out))
     print(f"export and picture: {time.monotonic() - t:.0f} s; total {time.monotonic() - start:.0f} s")
     return 0
 

@@ -1,7 +1,7 @@
 r"""Export a trained model (an sdjax training workdir's EMA weights) as a diffusers Stable Diffusion folder, or a
 LoRA run's factors as LoRA files.
 
-    python -m sdjax.export workdirs/shapes64 models/shapes64 --dtype float16
+    python -m sdjax.export workdirs/shapes64 sdjax/shapes64/model --dtype float16
     python -m sdjax.export workdirs/sks_dog loras/sks_dog --lora
 
 The folder loads with `sdjax.StableDiffusion.from_pretrained` and with diffusers' `StableDiffusionPipeline`.

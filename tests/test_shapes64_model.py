@@ -1,4 +1,4 @@
-"""The shipped default model (models/shapes64): it follows prompts, sample.py uses it without --model, diffusers
+"""The shipped default model (sdjax/shapes64/model): it follows prompts, sample.py uses it without --model, diffusers
 loads the same folder and computes the same UNet output."""
 
 from __future__ import annotations

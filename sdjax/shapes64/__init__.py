@@ -3,8 +3,11 @@
 - `scene.py`: drawing, sampling and captions (numpy only; re-exported here);
 - `dataset.py`: the TFDS builder "shapes64" (imports TensorFlow Datasets; import it explicitly);
 - `judge.py`: reads colour, shape and background off an image to score a model (numpy only);
-  `python -m sdjax.shapes64.judge MODEL`.
+  `python -m sdjax.shapes64.judge MODEL`;
+- `model/`: the shipped model, a diffusers folder trained by this repository (``MODEL_DIR``).
 """
+
+from pathlib import Path
 
 from sdjax.shapes64.scene import (
     CAPTION_TEMPLATE,
@@ -23,12 +26,15 @@ from sdjax.shapes64.scene import (
     sample_scene,
 )
 
+MODEL_DIR = Path(__file__).resolve().parent / "model"  # the shipped model: sdjax.from_pretrained(MODEL_DIR)
+
 __all__ = [
     "CAPTION_TEMPLATE",
     "COLORS",
     "IMAGE_SIZE",
     "MAX_SIZE",
     "MIN_SIZE",
+    "MODEL_DIR",
     "PALETTE",
     "SHAPES",
     "SceneError",

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     parser = argparse.ArgumentParser(description="Score a shapes64 text-to-image model with the shapes judge.")
-    parser.add_argument("model", nargs="?", default=str(Path(__file__).resolve().parents[2] / "models" / "shapes64"))
+    parser.add_argument("model", nargs="?", default=str(Path(__file__).resolve().parent / "model"))
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)
