@@ -42,7 +42,8 @@ class Layout:
 
 SD = Layout(
     "sd",
-    ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    # LatentConsistencyModelPipeline: an SD folder whose UNet embeds the guidance scale (time_cond_proj_dim)
+    ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentConsistencyModelPipeline"),
     {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
     ("tokenizer",),
     "StableDiffusion",

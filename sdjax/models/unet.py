@@ -74,6 +74,7 @@ class UNet2DConditionConfig(ModelConfig):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    time_cond_proj_dim: int | None = None  # LCM-distilled UNets: the guidance-scale embedding's width
 
     class_name: ClassVar[str] = "UNet2DConditionModel"
     noop_fields: ClassVar[dict[str, Any]] = {
@@ -93,7 +94,6 @@ class UNet2DConditionConfig(ModelConfig):
         "time_embedding_dim": None,
         "time_embedding_act_fn": None,
         "timestep_post_act": None,
-        "time_cond_proj_dim": None,
         "conv_in_kernel": 3,
         "conv_out_kernel": 3,
         "attention_type": "default",
@@ -229,13 +229,18 @@ def get_timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-    """diffusers ``TimestepEmbedding``: linear_1, SiLU, linear_2. (B, Cin) -> (B, time_embed_dim)."""
+    """diffusers ``TimestepEmbedding``: linear_1, SiLU, linear_2. (B, Cin) -> (B, time_embed_dim). With
+    ``cond_proj_dim`` (LCM-distilled UNets' ``time_cond_proj_dim``) a ``condition`` (B, cond_proj_dim) is first
+    projected (``cond_proj``, no bias) and added to the input."""
 
     time_embed_dim: int
     dtype: Dtype = jnp.float32
+    cond_proj_dim: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        if self.cond_proj_dim is not None and condition is not None:
+            x = x + Dense(x.shape[-1], use_bias=False, dtype=self.dtype, name="cond_proj")(condition.astype(self.dtype))
         x = Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(x)
         return Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(nn.swish(x))
 
@@ -454,6 +459,8 @@ class UNet2DConditionModel(nn.Module):
         P + N * addition_time_embed_dim = projection_class_embeddings_input_dim (SDXL base: the pooled 1280-wide
         text embedding and 6 ids, original size + crop top-left + target size; refiner: 1280 and 5 ids, original
         size + crop top-left + aesthetic score). diffusers passes these two in ``added_cond_kwargs``;
+      timestep_cond (B, time_cond_proj_dim): only for LCM-distilled UNets (``time_cond_proj_dim``), the guidance
+        scale's embedding (:func:`sdjax.denoise.guidance_scale_embedding`), added to the timestep embedding;
       -> (B, H, W, out_channels) in ``dtype`` (the predicted noise or velocity).
     ``remat`` recomputes ResNet and transformer blocks in the backward pass (gradient checkpointing).
     """
@@ -477,10 +484,13 @@ class UNet2DConditionModel(nn.Module):
             jnp.zeros((1,), jnp.float32),
             jnp.zeros((1, 1, cfg.cross_attention_dims()[0]), jnp.float32),
         )
-        if cfg.addition_embed_type != "text_time":
-            return inputs
-        pooled = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
-        return (*inputs, jnp.zeros((1, pooled), jnp.float32), jnp.zeros((1, 1), jnp.float32))
+        added = (None, None)
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+            added = (jnp.zeros((1, pooled), jnp.float32), jnp.zeros((1, 1), jnp.float32))
+        if cfg.time_cond_proj_dim is not None:
+            return (*inputs, *added, jnp.zeros((1, cfg.time_cond_proj_dim), jnp.float32))
+        return inputs if added[0] is None else (*inputs, *added)
 
     def _transformer_spec(self, block: int, depth: int) -> TransformerSpec:
         cfg = self.config
@@ -540,13 +550,16 @@ class UNet2DConditionModel(nn.Module):
                 f"{tuple(time_ids.shape)}"
             )
 
-    def _time_embedding(self, timesteps: jax.Array, batch: int) -> jax.Array:
+    def _time_embedding(self, timesteps: jax.Array, batch: int, condition: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         timesteps = jnp.broadcast_to(timesteps.reshape(-1), (batch,))
         t_emb = get_timestep_embedding(
             timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift
         ).astype(self.dtype)
-        return TimestepEmbedding(cfg.block_out_channels[0] * 4, dtype=self.dtype, name="time_embedding")(t_emb)
+        embedding = TimestepEmbedding(
+            cfg.block_out_channels[0] * 4, dtype=self.dtype, cond_proj_dim=cfg.time_cond_proj_dim, name="time_embedding"
+        )
+        return embedding(t_emb, condition)
 
     def _text_time_embedding(self, text_embeds: jax.Array, time_ids: jax.Array) -> jax.Array:
         """diffusers' "text_time" aug_emb: each id embedded as a timestep (``add_time_proj``), flattened per
@@ -567,6 +580,7 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: jax.Array,
         text_embeds: jax.Array | None = None,
         time_ids: jax.Array | None = None,
+        timestep_cond: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         timesteps = jnp.asarray(timesteps)
@@ -578,7 +592,7 @@ class UNet2DConditionModel(nn.Module):
 
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
-        temb = self._time_embedding(timesteps, sample.shape[0])
+        temb = self._time_embedding(timesteps, sample.shape[0], timestep_cond)
         if cfg.addition_embed_type == "text_time":
             temb = temb + self._text_time_embedding(text_embeds, time_ids)
         x = Conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(sample)
