@@ -2,7 +2,7 @@
 
     controlnet = sdjax.ControlNet.from_pretrained("path/to/control_v11p_sd15_canny")  # folder or .safetensors
     controlnet.family, controlnet.cross_attention_dim, controlnet.conditioning_channels
-    down, mid = controlnet.module.apply({"params": controlnet.params}, latents, t, text, control_image, scale)
+    down, mid = controlnet(latents, t, text, control_image, scale)  # compiled; or module.apply with the params
 
 The network is :class:`sdjax.models.controlnet.ControlNetModel`; reading weights is :mod:`sdjax.loading.controlnet`.
 """
@@ -10,13 +10,15 @@ The network is :class:`sdjax.models.controlnet.ControlNetModel`; reading weights
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from sdjax.errors import PipelineError
-from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
+from sdjax.models.controlnet import ControlNetConfig, ControlNetModel, ControlNetOutput
 
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
 # The context widths of the published families, to say which base model a ControlNet was trained for.
@@ -56,6 +58,27 @@ class ControlNet:
         check_dtype(dtype)
         module, params = load_controlnet(path, dtype, variant, config)
         return cls(module, params, str(path))
+
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array | int | float,
+        encoder_hidden_states: jax.Array,
+        controlnet_cond: jax.Array,
+        conditioning_scale: float | jax.Array = 1.0,
+        *,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
+        guess_mode: bool = False,
+    ) -> ControlNetOutput:
+        """The residuals for one UNet evaluation with this ControlNet's params, compiled once per input shapes:
+        NHWC latents (B, h, w, 4), control image (B, 8h, 8w, 3) in [0, 1], other inputs and the result as
+        :class:`ControlNetModel`. Inside a compiled sampling loop, call ``module.apply`` with the params as a
+        traced input instead."""
+        return _apply(
+            self.module, self.params, sample, timesteps, encoder_hidden_states, controlnet_cond,
+            jnp.float32(conditioning_scale), text_embeds, time_ids, guess_mode,
+        )  # fmt: skip
 
     @property
     def config(self) -> ControlNetConfig:
@@ -112,3 +135,11 @@ class ControlNet:
             raise PipelineError(
                 f"{name} reads {self.config.in_channels}-channel latents and the pipeline's VAE makes {latent_channels}"
             )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9))
+def _apply(
+    module: ControlNetModel, params: Any, sample, timesteps, context, cond, scale, text_embeds, time_ids, guess_mode
+) -> ControlNetOutput:
+    added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    return module.apply({"params": params}, sample, timesteps, context, cond, scale, guess_mode=guess_mode, **added)
