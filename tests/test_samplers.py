@@ -109,12 +109,8 @@ def test_img2img_matches_diffusers(case):
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
-@pytest.mark.parametrize(
-    "name", ["ddim", "pndm", "euler", "dpmpp_2m", "heun", "unipc", "lms", "deis", "dpm2", "tcd", "dpm2_ancestral"]
-)
-def test_other_timestep_spacings_match_diffusers(name, spacing):
-    if name == "dpm2_ancestral":
-        pytest.skip("stochastic: its spacings are checked by test_plans.py")
+@pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "dpmpp_2m", "heun", "unipc", "lms", "deis", "dpm2", "tcd"])
+def test_other_timestep_spacings_match_diffusers(name, spacing):  # the stochastic ones': test_plans.py
     (ref, ref_t), (ours, our_t) = _both(Case(name), "epsilon", 10, spacing=spacing)
     np.testing.assert_allclose(our_t, ref_t, rtol=0, atol=1e-3)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=PARITY_ATOL)
@@ -267,6 +263,17 @@ def test_make_plan_rejects_bad_arguments(kwargs, message):
 def test_samplers_whose_class_has_no_sample_prediction_refuse_it(name):
     with pytest.raises(ValueError, match=f"{name} accepts prediction_type epsilon or v_prediction, not 'sample'"):
         samplers.make_plan(ScheduleConfig(prediction_type="sample"), name, 10)
+
+
+def test_the_sampler_for_a_folder_follows_its_class_and_algorithm():
+    assert samplers.sampler_for_class("EulerDiscreteScheduler") == "euler"
+    assert samplers.sampler_for_class("UniPCMultistepScheduler") == "unipc"
+    sde = ScheduleConfig.from_dict({"algorithm_type": "sde-dpmsolver++"})
+    assert samplers.sampler_for_class("DPMSolverMultistepScheduler", "euler", sde) == "dpmpp_2m_sde"
+    assert (
+        samplers.sampler_for_class("DPMSolverMultistepScheduler", "euler", ScheduleConfig.from_dict({})) == "dpmpp_2m"
+    )
+    assert samplers.sampler_for_class("FlowMatchEulerDiscreteScheduler", "euler") == "euler"
 
 
 def test_consistency_samplers_refuse_more_steps_than_their_schedule():

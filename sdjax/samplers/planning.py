@@ -38,29 +38,13 @@ def make_plan(
     keeps those below round(T (1 - start)) (a second-order sampler never starts between its two evaluations of
     one step), and replaces ``strength``. Raises ValueError (one line) for a bad argument or config value.
     """
-    if sampler not in REGISTRY:
-        raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
-    record = REGISTRY[sampler]
-    max_steps = cfg.num_train_timesteps
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= max_steps:
-        raise ValueError(f"num_steps must be an int in [1, {max_steps}] (num_train_timesteps), got {num_steps!r}")
+    record = _check_arguments(cfg, sampler, num_steps, strength, use_karras_sigmas, denoising_start, denoising_end)
     num_steps = int(num_steps)
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
-    if int(num_steps * strength) < 1:
-        raise ValueError(f"strength * num_steps must be >= 1 so that a step runs; got {strength} * {num_steps}")
-    if use_karras_sigmas and not record.karras:
-        raise ValueError(f"Karras sigmas apply only to samplers {', '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
     cfg = cfg.for_class(record.scheduler_class, dict(record.pinned))
     if cfg.prediction_type not in record.prediction_types:
         accepted = " or ".join(record.prediction_types)
         raise ValueError(f"{sampler} accepts prediction_type {accepted}, not {cfg.prediction_type!r}")
     karras = cfg.use_karras_sigmas if use_karras_sigmas is None else use_karras_sigmas
-    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
-            raise ValueError(f"{name} must be a number in (0, 1) (a fraction of the schedule), got {value!r}")
-    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-        raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
     t_start = num_steps - int(num_steps * strength)
     with jax.ensure_compile_time_eval():  # plans are host data, even when made inside a jit trace
         ac = np.asarray(schedule.alphas_cumprod(cfg))
@@ -82,6 +66,28 @@ def make_plan(
             raise ValueError(f"denoising_end={denoising_end} leaves no evaluation of {num_steps} {sampler} steps")
         plan = plan.first(kept)
     return plan
+
+
+def _check_arguments(cfg, sampler, num_steps, strength, use_karras_sigmas, denoising_start, denoising_end) -> Sampler:
+    """The sampler's record; ValueError (one line) for a bad argument."""
+    if sampler not in REGISTRY:
+        raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    record = REGISTRY[sampler]
+    max_steps = cfg.num_train_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= max_steps:
+        raise ValueError(f"num_steps must be an int in [1, {max_steps}] (num_train_timesteps), got {num_steps!r}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    if int(num_steps * strength) < 1:
+        raise ValueError(f"strength * num_steps must be >= 1 so that a step runs; got {strength} * {num_steps}")
+    if use_karras_sigmas and not record.karras:
+        raise ValueError(f"Karras sigmas apply only to samplers {', '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            raise ValueError(f"{name} must be a number in (0, 1) (a fraction of the schedule), got {value!r}")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
+    return record
 
 
 def _cutoff(cfg: ScheduleConfig, fraction: float) -> int:
