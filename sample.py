@@ -24,6 +24,7 @@ import time
 START = time.perf_counter()  # before the heavy imports: the printed breakdown counts them
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -56,8 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler", default=None, choices=SAMPLERS, help="sampler (default: the model's)")
     parser.add_argument("--refiner", default=None, help="SDXL refiner (folder or file) for the last denoising steps")
     parser.add_argument("--high-noise-frac", type=float, default=0.8, help="with --refiner: the base's share")
-    parser.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_ancestral, dpmpp_2m, heun)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--karras", action="store_true", help="Karras sigmas (samplers with sigmas, as diffusers)")
+    parser.add_argument(
+        "--scheduler-config",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a scheduler config field for this run, over the model's (repeatable; VALUE is JSON or a string), "
+        "e.g. timestep_spacing=trailing",
+    )
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta / TCD gamma (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses (seed, i)")
     parser.add_argument("--height", type=int, default=None, help="pixels (None: the model's sample size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (None: the model's sample size)")
@@ -93,6 +102,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--high-noise-frac must be in (0, 1), got {args.high_noise_frac}")
     if args.refiner is not None and args.init_image is not None:
         raise ValueError("--refiner continues a text-to-image run; it does not take --init-image")
+    args.scheduler_config = scheduler_config(args.scheduler_config)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for name in ("height", "width"):
@@ -111,6 +121,22 @@ def check_args(args: argparse.Namespace) -> None:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"--out {out} is not a writable folder: {e.strerror}") from e
+
+
+def scheduler_config(pairs: list[str] | None) -> dict[str, Any] | None:
+    """--scheduler-config KEY=VALUE flags -> {key: value}, VALUE read as JSON (true, 3, null) or else a string."""
+    if not pairs:
+        return None
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--scheduler-config takes KEY=VALUE (e.g. timestep_spacing=trailing), got {pair!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
 
 
 def write_images(args: argparse.Namespace, model: Path, images: np.ndarray, negative: Any, settings: dict) -> Path:
@@ -136,6 +162,8 @@ def write_images(args: argparse.Namespace, model: Path, images: np.ndarray, nega
             metadata.update(refiner=args.refiner, high_noise_frac=args.high_noise_frac)
         if args.init_image:
             metadata.update(init_image=args.init_image, strength=args.strength)
+        if args.scheduler_config:
+            metadata.update(scheduler_config=json.dumps(args.scheduler_config))
         save_png(image, out / f"{i:04d}.png", metadata)
     save_png(image_grid(images, cols=args.num_images if len(args.prompt) > 1 else None), out / "grid.png")
     return out
@@ -178,6 +206,7 @@ def generate(args: argparse.Namespace, pipe: Any, refiner: Any, negative: Any, s
         eta=args.eta,
         num_images_per_prompt=args.num_images,
         use_karras_sigmas=args.karras or None,
+        scheduler_config=args.scheduler_config,
         progress=args.progress,
         **settings,
     )

@@ -82,19 +82,33 @@ def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale: jax.A
     return guidance_rescale * (guided * (std_cond / std_guided)) + (1 - guidance_rescale) * guided
 
 
+def guidance_scale_embedding(w: jax.Array, embedding_dim: int) -> jax.Array:
+    """An LCM-distilled UNet's ``timestep_cond``: the guidance weight w (B,) (= guidance_scale - 1) as a
+    sinusoidal embedding (B, embedding_dim) float32, as diffusers' ``LatentConsistencyModelPipeline.
+    get_guidance_scale_embedding`` (VDM, Kingma et al. 2021): sin then cos of 1000 w times frequencies
+    10000^(-k / (embedding_dim / 2 - 1))."""
+    half = embedding_dim // 2
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(jnp.log(10000.0) / (half - 1)))
+    emb = (jnp.asarray(w, jnp.float32) * 1000.0)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=1)
+    return jnp.pad(emb, ((0, 0), (0, embedding_dim % 2)))
+
+
 def guided_model(spec: DenoiseSpec, params: Any, inputs: dict, scalars: dict) -> samplers.ModelFn:
-    """The sampler's model: (x (B, h, w, C) float32, t) -> float32 UNet output, with classifier-free guidance
-    uncond + guidance * (cond - uncond) when ``spec.guided`` (one UNet call on the 2B batch), rescaled by
-    ``scalars["guidance_rescale"]`` when ``spec.rescale``."""
+    """The sampler's model: (x (B, h, w, C) float32, t, **extra) -> float32 UNet output, with classifier-free
+    guidance uncond + guidance * (cond - uncond) when ``spec.guided`` (one UNet call on the 2B batch), rescaled by
+    ``scalars["guidance_rescale"]`` when ``spec.rescale``. ``extra``: more UNet keyword inputs of batch B from
+    the sampling hooks (:class:`sdjax.samplers.Hooks`), the same for both guidance branches."""
     unet, guidance = spec.unet, scalars["guidance"]
 
     def call(x, t, cond):
         return unet.apply({"params": params["unet"]}, x.astype(unet.dtype), t, **cond).astype(jnp.float32)
 
-    def model_fn(x, t):
+    def model_fn(x, t, **extra):
         if not spec.guided:
-            return call(x, t, inputs["cond"])
+            return call(x, t, {**inputs["cond"], **extra})
         both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), inputs["uncond"], inputs["cond"])
+        both |= jax.tree.map(lambda e: jnp.concatenate([e, e]), extra)
         out_uncond, out_cond = jnp.split(call(jnp.concatenate([x, x]), t, both), 2)
         guided = out_uncond + guidance * (out_cond - out_uncond)
         return rescale_guidance(guided, out_cond, scalars["guidance_rescale"]) if spec.rescale else guided
@@ -119,12 +133,15 @@ def start_latents(spec: DenoiseSpec, params: Any, inputs: dict) -> jax.Array:
     return samplers.noised_latents(spec.plan, x0, inputs["noise"]) if spec.add_noise else x0
 
 
-def denoise(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, progress: Any = None) -> jax.Array:
+def denoise(
+    spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, progress: Any = None, hooks: tuple = ()
+) -> jax.Array:
     """The whole run: start latents, ``spec.plan`` as one ``lax.scan`` over the guided model, VAE decode.
 
     params: {"unet": ..., "vae": ...}; scalars: {"guidance", "eta"} float32 scalars; inputs: as the module
-    docstring. progress: optional host callback per evaluation. Returns float32 images (B, H, W, 3) in [0, 1],
-    or, when ``spec.decode`` is False, the final float32 latents (B, h, w, C).
+    docstring. progress: optional host callback per evaluation; hooks: the tasks' sampling hooks
+    (:class:`sdjax.samplers.Hooks`, built from ``inputs`` arrays inside the trace). Returns float32 images
+    (B, H, W, 3) in [0, 1], or, when ``spec.decode`` is False, the final float32 latents (B, h, w, C).
     """
     global TRACE_COUNT
     TRACE_COUNT += 1  # Python side effect: runs once per trace, never at run time (tested)
@@ -133,7 +150,7 @@ def denoise(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, progres
     model_fn = guided_model(spec, params, inputs, scalars)
     x = start_latents(spec, params, inputs)
     keys = _tagged(jax.random.wrap_key_data(inputs["keys"]), SAMPLER)
-    x0 = samplers.sample(spec.plan, model_fn, x, keys, eta=scalars["eta"], progress=progress)
+    x0 = samplers.sample(spec.plan, model_fn, x, keys, eta=scalars["eta"], hooks=hooks, progress=progress)
     return latents.decode(spec.vae, params["vae"], x0) if spec.decode else x0
 
 

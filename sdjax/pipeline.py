@@ -58,6 +58,20 @@ class DiffusionPipeline:
         raise NotImplementedError  # each family lists its own
 
     @property
+    def embeds_guidance(self) -> int | None:
+        """The UNet's ``time_cond_proj_dim`` (an LCM-distilled UNet: the guidance scale is embedded and added to
+        its timestep embedding, as diffusers' ``LatentConsistencyModelPipeline``; no unconditional branch runs),
+        or None."""
+        return self.unet.config.time_cond_proj_dim
+
+    def _check_negative_prompts(self, *negative_prompts: Any) -> None:
+        if self.embeds_guidance and any(p is not None for p in negative_prompts):
+            raise PipelineError(
+                "this UNet embeds the guidance scale (time_cond_proj_dim, an LCM-distilled model) and runs no "
+                "unconditional branch: negative prompts have no effect; leave them out"
+            )
+
+    @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel (8 for SD), the VAE's ``downsampling_factor``."""
         return self.vae.config.downsampling_factor
@@ -152,6 +166,7 @@ class DiffusionPipeline:
         denoising_start: float | None = None,
         denoising_end: float | None = None,
         output: str = "image",
+        scheduler_config: dict[str, Any] | None = None,
     ) -> np.ndarray:
         """The generation core: ``n`` images (or latents), conditioned by ``conditions(guided, height, width)``, a
         family's function returning ``{"cond": {...}, "uncond": {...}}`` of UNet keyword inputs (B = n, the
@@ -175,7 +190,7 @@ class DiffusionPipeline:
                 'generate(..., denoising_end=..., output="latent"))'
             )
         plan = _plan(
-            self.schedule,
+            _schedule(self.schedule, scheduler_config),
             sampler,
             num_inference_steps,
             strength if img2img and denoising_start is None else 1.0,  # denoising_start replaces strength
@@ -183,7 +198,9 @@ class DiffusionPipeline:
             denoising_start,
             denoising_end,
         )
-        guided = guidance_scale > 1.0
+        _check_eta(sampler, eta)
+        embedded = self.embeds_guidance
+        guided = guidance_scale > 1.0 and not embedded
         unet, vae = (_compute_module(m) for m in (self.unet, self.vae))
         spec = denoise.DenoiseSpec(
             unet,
@@ -204,6 +221,10 @@ class DiffusionPipeline:
             "keys": jax.random.key_data(keys),
             **conditions(guided, height, width),
         }
+        if embedded:  # LCM-distilled UNet: the guidance scale is a UNet input (traced: no recompile)
+            w = jnp.full((n,), guidance_scale - 1.0, jnp.float32)
+            cond = {**inputs["cond"], "timestep_cond": denoise.guidance_scale_embedding(w, embedded)}
+            inputs["cond"] = cond
         if img2img:
             inputs["init"] = self._init_input(init_image, n, height, width, shape if init_latents else None)
         scalars = {
@@ -451,6 +472,7 @@ class StableDiffusion(DiffusionPipeline):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         output: str = "image",
+        scheduler_config: dict[str, Any] | None = None,
         progress: bool = False,
     ) -> np.ndarray:
         """Text-to-image (and image-to-image with ``init_image``).
@@ -468,11 +490,14 @@ class StableDiffusion(DiffusionPipeline):
             al. 2023, Sec. 3.4), as diffusers; 0 is off.
           clip_skip: use the text encoder's k-th layer from the end (k >= 1), as diffusers.
           output: "image", or "latent" for the final diffusion latents (N, H/8, W/8, C) without decoding.
+          scheduler_config: diffusers scheduler config fields for this call, over the model's
+            (``{"timestep_spacing": "trailing"}`` for a Lightning / Hyper-SD model); see docs/samplers.md.
         Returns:
           np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) * num_images_per_prompt.
         """
         prompts = _prompt_list("prompts", prompts)
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
+        self._check_negative_prompts(negative_prompts)
         negative_prompts = _negative_prompts(negative_prompts, len(prompts))
 
         def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:  # after the batch-size checks
@@ -496,6 +521,7 @@ class StableDiffusion(DiffusionPipeline):
             progress=progress,
             guidance_rescale=guidance_rescale,
             output=output,
+            scheduler_config=scheduler_config,
         )
 
 
@@ -629,6 +655,22 @@ def _check_clip_skip(clip_skip: Any, text_encoder: Any) -> int:
             f"clip_skip must be None or an int in [1, {layers - 1}] (text encoder layers), got {clip_skip!r}"
         )
     return int(clip_skip)
+
+
+def _schedule(cfg: schedule.ScheduleConfig, changes: dict[str, Any] | None) -> schedule.ScheduleConfig:
+    """The model's scheduler config with a call's ``scheduler_config`` fields over it; PipelineError if bad."""
+    if changes is None:
+        return cfg
+    try:
+        return cfg.updated(changes)
+    except ValueError as e:
+        raise PipelineError(str(e)) from e
+
+
+def _check_eta(sampler: str, eta: float) -> None:
+    record = samplers.REGISTRY.get(sampler)
+    if record is not None and record.max_eta is not None and eta > record.max_eta:
+        raise PipelineError(f"{sampler} takes eta (its gamma) in [0, {record.max_eta}], got {eta!r}")
 
 
 @functools.lru_cache(maxsize=32)

@@ -18,104 +18,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import predictions
+from sdjax.scheduler_classes import BASE_FIELDS, IMPLEMENTED_VALUES, SCHEDULER_DEFAULTS, VALUE_ALIASES
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 INTERPOLATION_TYPES = ("linear", "log_linear")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-
-
-# diffusers (0.42) scheduler classes: the __init__ defaults of every config field sdjax reads. When a
-# scheduler_config.json leaves a field out, the class that runs fills in its own default, so the same file
-# means "linspace" spacing to EulerDiscreteScheduler and "leading" to DDIMScheduler. A field a class does not
-# take is ignored by that class (diffusers keeps it only as a hidden attribute), and so by sdjax.
-_BASE_DEFAULTS = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    prediction_type="epsilon",
-    timestep_spacing="leading",
-    steps_offset=0,
+SOLVER_FIELDS = frozenset(
+    {
+        "solver_order",
+        "solver_type",
+        "algorithm_type",
+        "disable_corrector",
+        "original_inference_steps",
+        "timestep_scaling",
+    }
 )
-_NOT_SIGMA = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
-SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "DDIMScheduler": dict(
-        _BASE_DEFAULTS,
-        clip_sample=True,
-        clip_sample_range=1.0,
-        set_alpha_to_one=True,
-        rescale_betas_zero_snr=False,
-        thresholding=False,
-    ),
-    "DDPMScheduler": dict(
-        _BASE_DEFAULTS,
-        clip_sample=True,
-        clip_sample_range=1.0,
-        rescale_betas_zero_snr=False,
-        thresholding=False,
-        variance_type="fixed_small",
-    ),
-    "PNDMScheduler": dict(_BASE_DEFAULTS, set_alpha_to_one=False, skip_prk_steps=False),
-    "EulerDiscreteScheduler": dict(
-        _BASE_DEFAULTS,
-        **_NOT_SIGMA,
-        timestep_spacing="linspace",
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-        rescale_betas_zero_snr=False,
-        final_sigmas_type="zero",
-        timestep_type="discrete",
-        sigma_min=None,
-        sigma_max=None,
-    ),
-    "EulerAncestralDiscreteScheduler": dict(_BASE_DEFAULTS, timestep_spacing="linspace", rescale_betas_zero_snr=False),
-    "DPMSolverMultistepScheduler": dict(
-        _BASE_DEFAULTS,
-        **_NOT_SIGMA,
-        timestep_spacing="linspace",
-        use_karras_sigmas=False,
-        rescale_betas_zero_snr=False,
-        final_sigmas_type="zero",
-        lower_order_final=True,
-        euler_at_final=False,
-        solver_order=2,
-        algorithm_type="dpmsolver++",
-        solver_type="midpoint",
-        thresholding=False,
-        use_lu_lambdas=False,
-        use_flow_sigmas=False,
-        lambda_min_clipped=-math.inf,
-        variance_type=None,
-    ),
-    "HeunDiscreteScheduler": dict(
-        _BASE_DEFAULTS,
-        **_NOT_SIGMA,
-        beta_start=0.00085,
-        beta_end=0.012,
-        timestep_spacing="linspace",
-        use_karras_sigmas=False,
-        clip_sample=False,
-        clip_sample_range=1.0,
-    ),
+# Values of multistep-solver fields sdjax implements, checked only for a class that reads the field (a DPM-Solver
+# config's algorithm_type "dpmsolver" does not stop a model from loading, or from sampling with euler).
+SOLVER_CHOICES = {
+    "solver_order": (1, 2, 3),
+    "solver_type": ("midpoint", "heun", "bh1", "bh2", "logrho"),
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "deis"),
 }
-# Scheduler fields sdjax does not model: the values its samplers implement (other values are refused, by name,
-# when the sampler's class reads the field). A field absent here and from ScheduleConfig is ignored.
-IMPLEMENTED_VALUES: dict[str, tuple[Any, ...]] = {
-    "thresholding": (False,),
-    "variance_type": ("fixed_small", None),
-    "timestep_type": ("discrete",),
-    "sigma_min": (None,),
-    "sigma_max": (None,),
-    "use_exponential_sigmas": (False,),
-    "use_beta_sigmas": (False,),
-    "use_lu_lambdas": (False,),
-    "use_flow_sigmas": (False,),
-    "solver_order": (2,),
-    "algorithm_type": ("dpmsolver++",),
-    "solver_type": ("midpoint",),
-    "lambda_min_clipped": (-math.inf,),
-}
+# Fields of diffusers scheduler configs that no class sdjax reproduces reads (bookkeeping, or settings that
+# matter only with a refused value, such as dynamic_thresholding_ratio without thresholding).
+IGNORED_FIELDS = frozenset(
+    {"trained_betas", "dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type"}
+)
+KNOWN_FIELDS = IGNORED_FIELDS | set(IMPLEMENTED_VALUES) | {f for d in SCHEDULER_DEFAULTS.values() for f in d}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +56,7 @@ class ScheduleConfig:
     Built in code, every field means what it says (the defaults are Stable Diffusion's). Read from a file with
     :meth:`from_dict`, the fields the file leaves out are recorded in ``unset`` and :meth:`for_class` fills each
     with the default of the diffusers scheduler class that runs, exactly as ``SchedulerClass.from_config`` does.
-    ``other`` keeps the file's fields sdjax does not model (e.g. ``solver_order``), checked by ``for_class``.
+    ``other`` keeps the file's fields sdjax does not model (e.g. ``thresholding``), checked by ``for_class``.
     """
 
     num_train_timesteps: int = 1000
@@ -145,25 +76,40 @@ class ScheduleConfig:
     final_sigmas_type: str = "zero"
     lower_order_final: bool = True
     euler_at_final: bool = False
-    unset: frozenset[str] = frozenset()
+    solver_order: int = 2  # DPM-Solver(++), UniPC, DEIS: 1-3 (3 with dpmpp_2m is DPM++ 3M)
+    solver_type: str = "midpoint"
+    algorithm_type: str = "dpmsolver++"
+    disable_corrector: tuple[int, ...] = ()  # UniPC: steps whose corrector is skipped
+    original_inference_steps: int = 50  # LCM / TCD: the distillation schedule's step count
+    timestep_scaling: float = 10.0  # LCM / TCD: consistency boundary-condition scaling
+    # A config built in code leaves the solver fields unset while they are at their defaults, so that to_dict
+    # (a written scheduler_config.json) does not carry settings of classes the model does not use.
+    unset: frozenset[str] = SOLVER_FIELDS
     other: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
+        changed = {
+            f.name for f in dataclasses.fields(self) if f.name in SOLVER_FIELDS and getattr(self, f.name) != f.default
+        }
+        object.__setattr__(self, "unset", frozenset(self.unset - changed))
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, predictions.PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _check_choice("interpolation_type", self.interpolation_type, INTERPOLATION_TYPES)
         _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an int >= 2, got {self.num_train_timesteps!r}")
+        _check_int("num_train_timesteps", self.num_train_timesteps, 2)
         if not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError(
                 f"need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, beta_end={self.beta_end}"
             )
-        if not isinstance(self.steps_offset, int) or self.steps_offset < 0:
-            raise ValueError(f"steps_offset must be an int >= 0, got {self.steps_offset!r}")
+        _check_int("steps_offset", self.steps_offset, 0)
+        _check_int("original_inference_steps", self.original_inference_steps, 1)
         if not self.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range!r}")
+        if not (isinstance(self.timestep_scaling, (int, float)) and self.timestep_scaling > 0):
+            raise ValueError(f"timestep_scaling must be a number > 0, got {self.timestep_scaling!r}")
+        if not isinstance(self.disable_corrector, tuple) or not all(isinstance(i, int) for i in self.disable_corrector):
+            raise ValueError(f"disable_corrector must be a list of step indices, got {self.disable_corrector!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -187,7 +133,7 @@ class ScheduleConfig:
         merged = {**config, **overrides}
         other = tuple(sorted((k, _hashable(v)) for k, v in merged.items() if k not in names and not k.startswith("_")))
         return cls(
-            **{k: merged[k] for k in names if k in merged},
+            **{k: _hashable(merged[k]) for k in names if k in merged},
             unset=frozenset(k for k in names if k not in merged),
             other=other,
         )
@@ -204,24 +150,29 @@ class ScheduleConfig:
         values = {k: getattr(self, k) for k in self.field_names() if k not in self.unset}
         return {**values, **{k: _jsonable(v) for k, v in self.other}}
 
-    def for_class(self, scheduler_class: str) -> ScheduleConfig:
+    def for_class(self, scheduler_class: str, pinned: dict[str, Any] | None = None) -> ScheduleConfig:
         """The settings diffusers' ``scheduler_class.from_config(self.to_dict())`` runs with: unset fields take
-        the class's defaults, fields the class does not read take sdjax's neutral values (no clipping, no
-        Karras sigmas, no zero-SNR rescaling...). Raises ValueError, naming the field, for a value of a field
-        the class reads that sdjax does not implement (e.g. ``solver_order: 3``, PNDM without
+        the class's defaults, values the class rewrites are rewritten (a DPM-Solver ``solver_type`` given to
+        UniPC), fields the class does not read take sdjax's neutral values (no clipping, no Karras sigmas, no
+        zero-SNR rescaling...). ``pinned`` fields are set whatever the config says (the sampler name decides
+        them, e.g. dpmpp_2m_sde's ``algorithm_type``). Raises ValueError, naming the field, for a value of a field
+        the class reads that sdjax does not implement (e.g. ``thresholding: true``, PNDM without
         ``skip_prk_steps``)."""
         defaults = SCHEDULER_DEFAULTS[scheduler_class]
-        neutral = {f.name: f.default for f in dataclasses.fields(ScheduleConfig) if f.name not in _BASE_DEFAULTS}
+        aliases = VALUE_ALIASES.get(scheduler_class, {})
+        neutral = {f.name: f.default for f in dataclasses.fields(ScheduleConfig) if f.name not in BASE_FIELDS}
         values = {}
         for name in self.field_names():
             if name not in defaults:
                 values[name] = neutral[name]
             else:
-                values[name] = defaults[name] if name in self.unset else getattr(self, name)
+                value = defaults[name] if name in self.unset else getattr(self, name)
+                values[name] = aliases.get(name, {}).get(value, value)
+        values.update(pinned or {})
         other = dict(self.other)
-        for name, accepted in IMPLEMENTED_VALUES.items():
-            value = other.get(name, defaults.get(name))
-            if name in defaults and value not in accepted:
+        for name, accepted in (*IMPLEMENTED_VALUES.items(), *SOLVER_CHOICES.items()):
+            value = values[name] if name in SOLVER_CHOICES else other.get(name, defaults.get(name))
+            if name in defaults and (value not in accepted or (isinstance(value, bool) and name == "solver_order")):
                 raise ValueError(
                     f"scheduler config sets {name}={value!r}, which sdjax's {scheduler_class} sampler does not "
                     f"implement; accepted: {', '.join(repr(a) for a in accepted)}"
@@ -232,7 +183,19 @@ class ScheduleConfig:
                 "sets); with it false or left out, diffusers' PNDMScheduler runs Runge-Kutta warm-up steps, "
                 "which sdjax does not implement"
             )
-        return ScheduleConfig(**values)
+        return ScheduleConfig(**values, unset=frozenset())
+
+    def updated(self, changes: dict[str, Any]) -> ScheduleConfig:
+        """This config with the scheduler config fields ``changes`` set, as if the file had them (a per-call
+        ``scheduler_config``). ValueError, one line, for a field no diffusers scheduler class sdjax reproduces
+        knows (a typo) or a bad value."""
+        if not isinstance(changes, dict) or not all(isinstance(k, str) for k in changes):
+            raise ValueError(f"scheduler_config must be a dict of field names to values, got {changes!r:.80}")
+        known = KNOWN_FIELDS | set(self.field_names())
+        unknown = sorted(k for k in changes if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"unknown scheduler config field(s) {unknown}; accepted: {', '.join(sorted(known))}")
+        return ScheduleConfig.from_dict({**self.to_dict(), **changes})
 
 
 def _hashable(value: Any) -> Any:
@@ -243,9 +206,14 @@ def _jsonable(value: Any) -> Any:
     return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
 
 
-def _check_choice(field: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"unknown {field} {value!r}; accepted: {', '.join(accepted)}")
+def _check_choice(field: str, value: Any, accepted: tuple[Any, ...]) -> None:
+    if isinstance(value, bool) or value not in accepted:
+        raise ValueError(f"unknown {field} {value!r}; accepted: {', '.join(map(str, accepted))}")
+
+
+def _check_int(field: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{field} must be an int >= {low}, got {value!r}")
 
 
 def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -352,78 +320,3 @@ def inference_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
             )
         return ts
     return np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022 (arXiv:2206.00364) eq. 5: float64 (num_steps,) sigmas from sigma_max down to sigma_min."""
-    ramp = np.linspace(0, 1, num_steps)
-    # float() so that numpy float32 scalars do not pull the ramp down to float32.
-    min_inv_rho, max_inv_rho = float(sigma_min) ** (1 / rho), float(sigma_max) ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def timesteps_from_sigmas(sigmas: np.ndarray, alphas_cumprod: np.ndarray) -> np.ndarray:
-    """Fractional training timesteps whose sigma matches ``sigmas`` (log-sigma interpolation, diffusers'
-    ``_sigma_to_t``). sigmas: (N,); alphas_cumprod: float32 (T,). Returns float64 (N,)."""
-    log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
-    log_sigma = np.log(np.maximum(np.asarray(sigmas), 1e-10))
-    dists = log_sigma - log_sigmas[:, None]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
-# ----------------------------------------------------------- spacing of the samplers' diffusers scheduler classes
-
-
-def plms_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
-    """PNDMScheduler(skip_prk_steps=True) timesteps: the second one repeated, num_steps + 1 in all."""
-    ts = inference_timesteps(cfg, num_steps)
-    return np.concatenate([ts[:1], ts[1:2], ts[1:]]) if num_steps > 1 else ts
-
-
-def sigma_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
-    """Euler/Heun timesteps: as DDIM's but float32, and not rounded for "linspace"."""
-    if cfg.timestep_spacing == "linspace":
-        return np.linspace(0, cfg.num_train_timesteps - 1, num_steps)[::-1].astype(np.float32)
-    return inference_timesteps(cfg, num_steps).astype(np.float32)
-
-
-def final_sigma(cfg: ScheduleConfig, ac: np.ndarray) -> float:
-    """The level the last step lands on: 0, or sigma at t = 0 for ``final_sigmas_type="sigma_min"``."""
-    return float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg.final_sigmas_type == "sigma_min" else 0.0
-
-
-def discrete_sigmas(ac: np.ndarray, cfg: ScheduleConfig, num_steps: int, karras: bool):
-    """Sigmas (N + 1 levels, the last from ``final_sigmas_type``) and model timesteps (N,) as Euler/Heun
-    ``set_timesteps``. ``interpolation_type="log_linear"`` spaces N + 1 levels evenly in log sigma and, as
-    diffusers, keeps the "linspace" model timesteps and runs the first N + 1 levels (ending at sigma_min)."""
-    ts = sigma_timesteps(cfg, num_steps)
-    all_sigmas = ((1 - ac) / ac) ** 0.5
-    if cfg.interpolation_type == "log_linear":
-        sigmas = np.exp(np.linspace(np.log(all_sigmas[-1]), np.log(all_sigmas[0]), num_steps + 1, dtype=np.float32))
-    else:
-        sigmas = np.interp(ts, np.arange(len(ac)), all_sigmas)
-    if karras:
-        sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
-        ts = timesteps_from_sigmas(sigmas, ac)
-    sigmas = np.append(sigmas, final_sigma(cfg, ac))[: num_steps + 1]
-    return sigmas.astype(np.float32), ts.astype(np.float32)
-
-
-def init_noise_sigma(cfg: ScheduleConfig, sigmas: np.ndarray) -> float:
-    sigma_max = sigmas.max()
-    if cfg.timestep_spacing == "leading":
-        return float((sigma_max**2 + 1) ** 0.5)
-    return float(sigma_max)
-
-
-def dpm_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
-    """DPMSolverMultistepScheduler spacing: leading/linspace space N + 1 points and drop the last."""
-    if cfg.timestep_spacing == "trailing":
-        return inference_timesteps(cfg, num_steps)
-    n = cfg.num_train_timesteps
-    if cfg.timestep_spacing == "linspace":
-        return np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-    ratio = n // (num_steps + 1)
-    return (np.arange(num_steps + 1) * ratio)[::-1][:-1].astype(np.int64) + cfg.steps_offset

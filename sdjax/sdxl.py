@@ -129,7 +129,7 @@ class StableDiffusionXL(DiffusionPipeline):
     @property
     def default_sampler(self) -> str:
         """The sampler of the folder's scheduler class (SDXL ships EulerDiscreteScheduler: "euler")."""
-        return samplers.sampler_for_class(self.scheduler_class, "euler")
+        return samplers.sampler_for_class(self.scheduler_class, "euler", self.schedule)
 
     # ------------------------------------------------------------------------------------------- prompts
 
@@ -260,6 +260,7 @@ class StableDiffusionXL(DiffusionPipeline):
         denoising_start: float | None = None,
         denoising_end: float | None = None,
         output: str = "image",
+        scheduler_config: dict[str, Any] | None = None,
         progress: bool = False,
     ) -> np.ndarray:
         """Text-to-image, image-to-image (``init_image``: an image, or latents) and the base -> refiner hand-off.
@@ -274,10 +275,13 @@ class StableDiffusionXL(DiffusionPipeline):
             base's half of the hand-off); denoising_start: start there, from ``init_image`` latents as given
             (the refiner's half; ``strength`` is then unused).
           output: "image" (N, H, W, 3) in [0, 1], or "latent": the diffusion latents (N, H/8, W/8, 4).
+          scheduler_config: scheduler config fields for this call, over the model's (SDXL-Lightning:
+            ``{"timestep_spacing": "trailing"}`` with ``sampler="euler"``).
         """
         prompts = _prompt_list("prompts", prompts)
         n = len(prompts)
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
+        self._check_negative_prompts(negative_prompts, negative_prompts_2)
         prompts_2 = None if prompts_2 is None else _matched("prompts_2", prompts_2, n)
         negatives = None if negative_prompts is None else _negative_prompts(negative_prompts, n)
         negatives_2 = None if negative_prompts_2 is None else _negative_prompts(negative_prompts_2, n)
@@ -322,6 +326,7 @@ class StableDiffusionXL(DiffusionPipeline):
             denoising_start=denoising_start,
             denoising_end=denoising_end,
             output=output,
+            scheduler_config=scheduler_config,
         )
 
 

@@ -222,11 +222,12 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
 
 
 def test_same_images_on_one_two_and_four_devices(reference, tmp_path):
-    """A deterministic and a stochastic sampler (its per-step noise must not depend on the device count)."""
+    """A deterministic sampler and two stochastic ones, Gaussian and Brownian (their per-step noise must not depend on
+    the device count)."""
     _, folder, _ = reference
     if "v_prediction" in str(folder):
         pytest.skip("one model is enough for the device check")
-    samplers = ("ddim", "euler_ancestral")
+    samplers = ("ddim", "euler_ancestral", "dpmpp_sde")
     results = []
     for n in (1, 2, 4):
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 from sdjax import schedule
+from sdjax.samplers.sigmas import karras_sigmas, timesteps_from_sigmas
 from sdjax.schedule import ScheduleConfig
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json, as shipped.
@@ -130,10 +131,10 @@ def test_karras_sigmas_match_euler_scheduler():
     ref = EulerDiscreteScheduler.from_config(cfg.to_dict())
     ref.set_timesteps(25)
     sigmas = ref.sigmas.numpy()[:-1].astype(np.float64)
-    ours = schedule.karras_sigmas(sigmas[-1], sigmas[0], 25)
+    ours = karras_sigmas(sigmas[-1], sigmas[0], 25)
     np.testing.assert_allclose(ours, sigmas, rtol=1e-6)
     np.testing.assert_allclose(
-        schedule.timesteps_from_sigmas(ours, np.asarray(schedule.alphas_cumprod(cfg))),
+        timesteps_from_sigmas(ours, np.asarray(schedule.alphas_cumprod(cfg))),
         ref.timesteps.numpy(),
         atol=2e-4,
     )
@@ -143,7 +144,7 @@ def test_timesteps_from_sigmas_inverts_the_sigma_table():
     ac = np.asarray(schedule.alphas_cumprod(ScheduleConfig()))
     t = np.array([999, 500, 37, 1])
     sigmas = np.asarray(schedule.sigmas_from_alphas_cumprod(ac))[t]
-    np.testing.assert_allclose(schedule.timesteps_from_sigmas(sigmas, ac), t, atol=1e-3)
+    np.testing.assert_allclose(timesteps_from_sigmas(sigmas, ac), t, atol=1e-3)
 
 
 def test_from_dict_reads_sd15_scheduler_config_and_records_what_it_leaves_out():
@@ -186,8 +187,12 @@ def test_for_class_ignores_fields_the_class_does_not_read():
 @pytest.mark.parametrize(
     "extra, scheduler_class, message",
     [
-        (dict(solver_order=3), "DPMSolverMultistepScheduler", "solver_order=3"),
-        (dict(algorithm_type="sde-dpmsolver++"), "DPMSolverMultistepScheduler", "algorithm_type='sde-dpmsolver"),
+        (dict(solver_order=4), "DPMSolverMultistepScheduler", "solver_order=4.*accepted: 1, 2, 3"),
+        (dict(algorithm_type="dpmsolver"), "DPMSolverMultistepScheduler", "algorithm_type='dpmsolver'"),
+        (dict(solver_type="bh3"), "UniPCMultistepScheduler", "solver_type='bh3'"),
+        (dict(predict_x0=False), "UniPCMultistepScheduler", "predict_x0=False"),
+        (dict(noise_sampler_seed=3), "DPMSolverSDEScheduler", "noise_sampler_seed=3"),
+        (dict(thresholding=True), "LCMScheduler", "thresholding=True"),
         (dict(thresholding=True), "DDIMScheduler", "thresholding=True"),
         (dict(variance_type="learned"), "DDPMScheduler", "variance_type='learned'"),
         (dict(skip_prk_steps=False), "PNDMScheduler", "skip_prk_steps"),
@@ -199,8 +204,65 @@ def test_for_class_refuses_what_sdjax_does_not_implement(extra, scheduler_class,
 
 
 def test_for_class_accepts_unimplemented_fields_the_class_does_not_read():
-    cfg = ScheduleConfig.from_dict({**SD15_SCHEDULER_JSON, "solver_order": 3})
+    cfg = ScheduleConfig.from_dict({**SD15_SCHEDULER_JSON, "solver_order": 4, "algorithm_type": "dpmsolver"})
     assert cfg.for_class("EulerDiscreteScheduler").timestep_spacing == "linspace"
+
+
+@pytest.mark.parametrize(
+    "scheduler_class, given, ran",
+    [
+        ("UniPCMultistepScheduler", dict(solver_type="midpoint"), dict(solver_type="bh2")),
+        (
+            "DEISMultistepScheduler",
+            dict(algorithm_type="dpmsolver++", solver_type="midpoint"),
+            dict(solver_type="logrho"),
+        ),
+        ("DPMSolverMultistepScheduler", dict(solver_type="bh2"), dict(solver_type="midpoint")),
+    ],
+)
+def test_for_class_rewrites_values_as_the_class_does(scheduler_class, given, ran):
+    """One model's scheduler config drives every sampler: a DPM-Solver solver_type given to UniPC runs bh2."""
+    cfg = ScheduleConfig.from_dict({**SD15_SCHEDULER_JSON, **given}).for_class(scheduler_class)
+    reference = getattr(diffusers, scheduler_class).from_config({**SD15_SCHEDULER_JSON, **given}).config
+    for field, value in ran.items():
+        assert getattr(cfg, field) == reference[field] == value
+
+
+def test_for_class_pins_what_the_sampler_name_decides():
+    cfg = ScheduleConfig.from_dict({**SD15_SCHEDULER_JSON, "algorithm_type": "dpmsolver++"})
+    pinned = cfg.for_class("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})
+    assert pinned.algorithm_type == "sde-dpmsolver++"
+
+
+def test_a_config_built_in_code_writes_no_solver_fields_it_leaves_at_their_defaults():
+    assert not {"solver_order", "original_inference_steps"} & set(ScheduleConfig().to_dict())
+    assert ScheduleConfig(solver_order=3).to_dict()["solver_order"] == 3
+    assert ScheduleConfig(solver_order=3).for_class("DPMSolverMultistepScheduler").solver_order == 3
+
+
+def test_updated_sets_fields_as_if_the_file_had_them():
+    cfg = ScheduleConfig.from_dict(SD15_SCHEDULER_JSON).updated({"timestep_spacing": "trailing", "solver_order": 3})
+    assert cfg.timestep_spacing == "trailing" and "timestep_spacing" not in cfg.unset
+    assert cfg.for_class("EulerDiscreteScheduler").timestep_spacing == "trailing"
+    assert cfg.for_class("DPMSolverMultistepScheduler").solver_order == 3
+    assert cfg.steps_offset == 1  # the model's fields stay
+    whole = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.30.0", "disable_corrector": [1]}
+    assert ScheduleConfig.from_dict(SD15_SCHEDULER_JSON).updated(whole).disable_corrector == (1,)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"timestep_spacin": "trailing"}, r"unknown scheduler config field\(s\) \['timestep_spacin'\]; accepted: "),
+        ({"timestep_spacing": "uniform"}, "unknown timestep_spacing 'uniform'; accepted: leading, trailing, linspace"),
+        ({"trained_betas": [0.1] * 1000}, "trained_betas"),
+        ("trailing", "scheduler_config must be a dict"),
+    ],
+)
+def test_updated_refuses_unknown_fields_and_bad_values_in_one_line(changes, message):
+    with pytest.raises(ValueError, match=message) as error:
+        ScheduleConfig.from_dict(SD15_SCHEDULER_JSON).updated(changes)
+    assert "\n" not in str(error.value)
 
 
 def test_from_dict_applies_overrides():

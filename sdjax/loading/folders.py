@@ -43,7 +43,14 @@ class Layout:
 
 SD = Layout(
     "sd",
-    ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    # LatentConsistencyModelPipeline: an SD folder whose UNet embeds the guidance scale (time_cond_proj_dim);
+    # the inpainting class stays last (the writer picks it for 9-channel UNets).
+    (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "LatentConsistencyModelPipeline",
+        "StableDiffusionInpaintPipeline",
+    ),
     {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
     ("tokenizer",),
     "StableDiffusion",

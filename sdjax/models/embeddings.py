@@ -33,12 +33,17 @@ def get_timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-    """diffusers ``TimestepEmbedding``: linear_1, SiLU, linear_2. (B, Cin) -> (B, time_embed_dim)."""
+    """diffusers ``TimestepEmbedding``: linear_1, SiLU, linear_2. (B, Cin) -> (B, time_embed_dim). With
+    ``cond_proj_dim`` (LCM-distilled UNets' ``time_cond_proj_dim``) a ``condition`` (B, cond_proj_dim) is first
+    projected (``cond_proj``, no bias) and added to the input."""
 
     time_embed_dim: int
     dtype: Dtype = jnp.float32
+    cond_proj_dim: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        if self.cond_proj_dim is not None and condition is not None:
+            x = x + Dense(x.shape[-1], use_bias=False, dtype=self.dtype, name="cond_proj")(condition.astype(self.dtype))
         x = Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(x)
         return Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(nn.swish(x))

@@ -62,6 +62,7 @@ class UNet2DConditionConfig(UNetEncoderConfig):
     center_input_sample: bool = False
     up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     reverse_transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | None = None
+    time_cond_proj_dim: int | None = None  # LCM-distilled UNets: the guidance-scale embedding's width
 
     class_name: ClassVar[str] = "UNet2DConditionModel"
     noop_fields: ClassVar[dict[str, Any]] = {
@@ -74,7 +75,6 @@ class UNet2DConditionConfig(UNetEncoderConfig):
         "time_embedding_dim": None,
         "time_embedding_act_fn": None,
         "timestep_post_act": None,
-        "time_cond_proj_dim": None,
         "conv_in_kernel": 3,
         "conv_out_kernel": 3,
         "attention_type": "default",
@@ -134,6 +134,8 @@ class UNet2DConditionModel(nn.Module):
         each down block's layers and downsampler: shapes of the skips, or (B, 1, 1, C) from a pooled ControlNet),
         added to the skips the up path reads; mid_block_additional_residual (B, h, w, C), added to the mid
         block's output. Both or neither, as diffusers' ControlNet pipelines pass them;
+      timestep_cond (B, time_cond_proj_dim): only for LCM-distilled UNets (``time_cond_proj_dim``), the guidance
+        scale's embedding (:func:`sdjax.denoise.guidance_scale_embedding`), added to the timestep embedding;
       -> (B, H, W, out_channels) in ``dtype`` (the predicted noise or velocity).
     ``remat`` recomputes ResNet and transformer blocks in the backward pass (gradient checkpointing).
     """
@@ -148,8 +150,11 @@ class UNet2DConditionModel(nn.Module):
 
     def dummy_inputs(self) -> tuple[jax.Array, ...]:
         """Smallest (sample, timesteps, encoder_hidden_states[, text_embeds, time_ids]) whose ``init`` creates every
-        parameter (see :meth:`UNetEncoder.dummy_inputs`)."""
-        return UNetEncoder(self.config).dummy_inputs()
+        parameter (see :meth:`UNetEncoder.dummy_inputs`), and a ``timestep_cond`` for an LCM-distilled UNet."""
+        inputs = UNetEncoder(self.config).dummy_inputs()
+        if self.config.time_cond_proj_dim is None:
+            return inputs
+        return (*inputs, *(None,) * (7 - len(inputs)), jnp.zeros((1, self.config.time_cond_proj_dim), jnp.float32))
 
     @nn.compact
     def __call__(
@@ -161,6 +166,7 @@ class UNet2DConditionModel(nn.Module):
         time_ids: jax.Array | None = None,
         down_block_additional_residuals: Sequence[jax.Array] | None = None,
         mid_block_additional_residual: jax.Array | None = None,
+        timestep_cond: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         encoder = UNetEncoder(cfg, self.dtype, self.remat)
@@ -170,7 +176,7 @@ class UNet2DConditionModel(nn.Module):
 
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
-        temb = encoder.embed_time(timesteps, sample.shape[0], text_embeds, time_ids)
+        temb = encoder.embed_time(timesteps, sample.shape[0], text_embeds, time_ids, timestep_cond)
         x, skips = encoder.down(encoder.conv_in(sample), temb, encoder_hidden_states)
         x = encoder.mid(x, temb, encoder_hidden_states)
         if down_block_additional_residuals is not None or mid_block_additional_residual is not None:

@@ -288,15 +288,21 @@ class UNetEncoder:
         batch: int,
         text_embeds: jax.Array | None = None,
         time_ids: jax.Array | None = None,
+        timestep_cond: jax.Array | None = None,
     ) -> jax.Array:
-        """``time_embedding`` of the (scalar, (1,) or (B,)) timesteps, plus, for a "text_time" config,
-        ``add_embedding`` of the pooled text and time ids: (B, 4 * block_out_channels[0]) in ``dtype``."""
+        """``time_embedding`` of the (scalar, (1,) or (B,)) timesteps (with an LCM-distilled UNet's
+        ``timestep_cond`` projected into its input), plus, for a "text_time" config, ``add_embedding`` of the
+        pooled text and time ids: (B, 4 * block_out_channels[0]) in ``dtype``."""
         cfg = self.config
         timesteps = jnp.broadcast_to(timesteps.reshape(-1), (batch,))
         t_emb = get_timestep_embedding(
             timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift
         ).astype(self.dtype)
-        temb = TimestepEmbedding(cfg.block_out_channels[0] * 4, dtype=self.dtype, name="time_embedding")(t_emb)
+        cond_dim = getattr(cfg, "time_cond_proj_dim", None)  # a UNet2DConditionConfig field; ControlNets have none
+        embedding = TimestepEmbedding(
+            cfg.block_out_channels[0] * 4, dtype=self.dtype, cond_proj_dim=cond_dim, name="time_embedding"
+        )
+        temb = embedding(t_emb, timestep_cond)
         if cfg.addition_embed_type == "text_time":
             temb = temb + self._text_time_embedding(text_embeds, time_ids)
         return temb

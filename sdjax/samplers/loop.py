@@ -1,0 +1,71 @@
+"""The denoising loop: one ``lax.scan`` over a plan's rows, the same for every sampler and task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.samplers import hooks as hooks_lib
+from sdjax.samplers.hooks import Hooks
+from sdjax.samplers.noise import StepNoise
+from sdjax.samplers.plan import SamplerPlan, rows
+from sdjax.samplers.registry import REGISTRY
+
+# model_fn(x_in, t, **extra) -> model output (B, H, W, C) in the config's prediction type, any float dtype.
+ModelFn = Callable[..., jnp.ndarray]
+
+
+def initial_latents(plan: SamplerPlan, noise: jnp.ndarray) -> jnp.ndarray:
+    """x_T for txt2img: standard-normal ``noise`` (B, H, W, C) times the sampler's ``init_noise_sigma``
+    (1 for the VP samplers; sqrt(sigma_max^2 + 1) or sigma_max for the sigma samplers). float32."""
+    return noise.astype(jnp.float32) * jnp.float32(plan.init_noise_sigma)
+
+
+def noised_latents(plan: SamplerPlan, x0: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
+    """img2img start: clean latents ``x0`` noised to the plan's first evaluation as diffusers' ``add_noise``.
+
+    x0, noise: (B, H, W, C). Returns float32 (B, H, W, C).
+    """
+    x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
+    return jnp.float32(plan.x0_scale[0]) * x0 + jnp.float32(plan.noise_scale[0]) * noise
+
+
+def sample(
+    plan: SamplerPlan,
+    model_fn: ModelFn,
+    x: jnp.ndarray,
+    rng: jax.Array,
+    *,
+    eta: float | jnp.ndarray = 0.0,
+    hooks: Sequence[Hooks] = (),
+    progress: Callable[[int], None] | None = None,
+) -> jnp.ndarray:
+    """Runs the whole denoising loop of ``plan`` as one ``lax.scan``; returns the final latents.
+
+    x: float32 (B, H, W, C) start latents (``initial_latents`` or ``noised_latents``).
+    model_fn(x_in, t, **extra) -> model output (B, H, W, C) in the config's prediction type, any float dtype;
+    x_in is x scaled by the row's c_in (diffusers' ``scale_model_input``) and passed through the hooks'
+    ``before_model``, t a float32 scalar timestep, extra the hooks' extra inputs.
+    rng: PRNG key, or (B,) keys, one per example: evaluation i's Gaussian noise is ``fold_in(key, i)`` (see
+    :mod:`sdjax.samplers.noise`). eta: the stochasticity of the "eta" samplers (DDIM's eta, TCD's gamma), may be
+    traced; ignored by the others. hooks: the tasks' :class:`Hooks`, applied in order. progress: optional host
+    callback called with each evaluation index. Returns float32 (B, H, W, C).
+    """
+    record = REGISTRY[plan.name]
+    sigma_top = plan.constant("brownian_top")
+
+    def body(carry, row):
+        x, state = carry
+        if progress is not None:
+            jax.debug.callback(lambda i: progress(int(i)), row.index)
+        x_in, extra = hooks_lib.before_model(hooks, x * row.c_in, row)
+        out = model_fn(x_in, row.timestep, **extra).astype(jnp.float32)
+        noise = StepNoise(rng, row.index, x.shape, sigma_top)
+        x, state = record.step(plan, x, state, out, row, noise, eta)
+        return (hooks_lib.after_step(hooks, x, row), state), None
+
+    x = x.astype(jnp.float32)
+    (x, _), _ = jax.lax.scan(body, (x, record.initial_state(plan, x)), rows(plan))
+    return x
