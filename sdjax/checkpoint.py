@@ -53,7 +53,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # leftovers of a save interrupted by SIGKILL
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=item_handlers())
         self._closed = False
 
     def latest_step(self) -> int | None:
@@ -73,7 +73,7 @@ class Checkpoints:
         unknown = set(items) - set(ITEMS)
         if unknown:
             raise CheckpointError(f"unknown checkpoint items {sorted(unknown)}; accepted: {', '.join(ITEMS)}")
-        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        args = {name: ocp.args.PyTreeSave(tree) for name, tree in items.items()}
         args[META] = ocp.args.JsonSave({**meta, "step": int(step)})
         self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
 
@@ -84,7 +84,7 @@ class Checkpoints:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; found: {self.all_steps()}")
-        args = {name: ocp.args.StandardRestore(_host_structure(tree)) for name, tree in targets.items()}
+        args = {name: _restore_args(_host_structure(tree)) for name, tree in targets.items()}
         restored = self.manager.restore(step, args=ocp.args.Composite(**args, **{META: ocp.args.JsonRestore()}))
         return {name: restored[name] for name in targets}, dict(restored[META])
 
@@ -102,6 +102,22 @@ class Checkpoints:
             self.manager.wait_until_finished()
             self.manager.close()
             self._closed = True
+
+
+def item_handlers() -> dict[str, Any]:
+    """Orbax handlers of a checkpoint's items. Arrays are written by the first replica of each shard: a replicated
+    array once, by process 0 (Orbax's default, replica-parallel writing, would split it over every process that
+    holds a copy); a sharded one by the processes that hold its shards."""
+    handlers = [(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)]
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    registry = ocp.type_handlers.create_type_handler_registry(*handlers, (jax.Array, arrays))
+    trees = {name: ocp.PyTreeCheckpointHandler(type_handler_registry=registry) for name in ITEMS}
+    return {**trees, META: ocp.JsonCheckpointHandler()}
+
+
+def _restore_args(target: Any) -> Any:
+    # Per leaf: a jax.Array on the target's sharding, or a numpy array.
+    return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
 def _host_structure(tree: Any) -> Any:
@@ -146,7 +162,7 @@ def load_trained_params(workdir: str | Path, step: int | None = None, ema: bool 
         item = "ema_params" if ema and (workdir / CHECKPOINTS_DIR / str(step) / "ema_params").is_dir() else "params"
         metadata = manager.item_metadata(step)[item]
         target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), _tree(metadata))
-        restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+        restored = manager.restore(step, args=ocp.args.Composite(**{item: _restore_args(target)}))
         return jax.tree.map(np.asarray, dict(restored[item]))
     finally:
         manager.close()
@@ -156,14 +172,12 @@ def _local_reader(directory: Path) -> ocp.CheckpointManager:
     # A read-only manager of this process alone: Orbax skips its cross-process barriers when the only active process
     # is this one (a CheckpointManager of every process would wait for the others at its first barrier).
     me = jax.process_index()
+    # Not read_only: Orbax logs a warning for read-only managers; this one only reads (nothing is written on open).
     options = ocp.CheckpointManagerOptions(
-        read_only=True,
         create=False,
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}),
     )
-    return ocp.CheckpointManager(directory, options=options, item_handlers={
-        name: ocp.StandardCheckpointHandler() for name in ITEMS
-    })  # fmt: skip
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers())
 
 
 def _tree(metadata: Any) -> Any:
