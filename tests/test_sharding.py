@@ -83,6 +83,25 @@ def test_a_config_whose_mesh_does_not_fit_the_devices_is_rejected_before_anythin
     assert not (tmp_path / "run").exists()
 
 
+def test_the_model_folder_reads_whole_global_batches(tmp_path):
+    """A new stage-2 VAE's scaling factor is measured on the first batches as one process reads them, on every
+    host count: ``whole_batches`` reads every row of each global batch (here, one process: the same rows)."""
+    from sdjax.tokenizer import clip_tokenizer
+    from tests.test_train import write_image_folder
+
+    write_image_folder(tmp_path / "pictures")
+    config = vae_config()
+    config.data.update(source=str(tmp_path / "pictures"), data_dir=str(tmp_path / "tfds"))
+    batches = [loop.input_pipeline(config, clip_tokenizer(), 0, whole_batches=w) for w in (True, False)]
+    try:
+        whole, own = (next(b)["image"] for b in batches)
+    finally:
+        for b in batches:
+            b.close()
+    assert whole.shape == (1, BATCH, RES, RES, 3)
+    np.testing.assert_array_equal(whole, own)
+
+
 # ----------------------------------------------------------------------------------------------- runs
 
 
@@ -101,8 +120,8 @@ def synthetic_batches(position: int, features: dict):
 def stage_setup(kind: str, folder: str | None) -> tuple:
     """(config, batch features) of one stage on a tiny model: "vae" (stage 1), "sd" (diffusion on a tiny SD
     folder), "sdxl" (diffusion on a tiny SDXL folder), "lora" (on a tiny SD folder)."""
-    if kind == "vae":
-        return vae_config(steps=STEPS, checkpoint_every=1), {}
+    if kind == "vae":  # with gradient accumulation: its buffers are part of the state too
+        return vae_config(steps=STEPS, checkpoint_every=1, grad_accum_steps=2), {}
     name = {"sd": "sd15_finetune", "sdxl": "sdxl_finetune", "lora": "sd15_lora"}[kind]
     config = load_config(name)
     config.update(pretrained_path=folder, steps=STEPS, checkpoint_every=1, batch_size=BATCH, async_checkpoints=False)
@@ -203,7 +222,7 @@ def assert_same_params(root: Path, runs: tuple[str, ...]) -> None:
             assert difference <= TOLERANCE, (run, ema, difference)
 
 
-def assert_quarter_shards(report: list[dict], most: bool = True) -> None:
+def assert_quarter_shards(report: list[dict], most: bool = True) -> str:
     """Every array of >= MIN_SHARD_SIZE elements with a dimension 4 divides is split in quarters, one per device,
     the others replicated; with ``most``, the split ones are most of the state, Adam's moments and the EMA included."""
     large = [r for r in report if r["size"] >= MIN_SHARD_SIZE and r["spec"] != "PartitionSpec()"]
@@ -216,10 +235,11 @@ def assert_quarter_shards(report: list[dict], most: bool = True) -> None:
     sharded = sum(r["size"] for r in large) / sum(r["size"] for r in report)
     print(f"{len(large)} of {len(report)} arrays split in quarters: {sharded:.1%} of the state's elements")
     if not most:
-        return
+        return ""
     assert sharded > 0.9
     paths = " ".join(r["path"] for r in large)
     assert ".mu" in paths and ".nu" in paths and "[2]" in paths  # Adam's moments and the EMA are split too
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------- VAE (stage 1)
@@ -235,7 +255,8 @@ def test_one_device_data_parallel_and_fsdp_train_the_same_params(vae_runs):
 
 
 def test_each_device_holds_a_quarter_of_every_large_param_moment_and_ema_array(vae_runs):
-    assert_quarter_shards(json.loads((vae_runs / "shards.json").read_text()))
+    paths = assert_quarter_shards(json.loads((vae_runs / "shards.json").read_text()))
+    assert ".acc_grads" in paths  # gradient accumulation buffers (optax.MultiSteps)
 
 
 def test_an_fsdp_checkpoint_resumes_data_parallel_and_on_another_mesh(vae_runs):

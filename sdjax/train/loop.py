@@ -60,7 +60,6 @@ def input_pipeline(
         resolution=d.resolution,
         tokenizer=tok if tok is not None else _captionless_tokenizer(),
         global_batch_size=config.batch_size,
-        num_devices=jax.local_device_count(),
         seed=config.seed,
         start_step=start,
         random_crop=d.random_crop,
@@ -70,7 +69,7 @@ def input_pipeline(
         caption_key=d.caption_key if get_stage(config.stage).reads_captions else None,
         data_dir=d.data_dir,
         source_options={"num_train": d.get("num_train") or None},
-        **{**features, **hosts},
+        **{"num_devices": jax.local_device_count(), **features, **hosts},
     )
 
 
