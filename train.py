@@ -12,18 +12,20 @@ Resuming: rerun the same command on the same --workdir. The run restores its lat
 SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly (status 0).
 A NaN/inf loss stops the run (status 1) without saving the diverged state.
 
-Devices: the update step is pmapped over all local devices (1 CPU, N GPUs, the 4-8 cores of a TPU host);
-XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices on a CPU. The global batch
-(config.batch_size) is split evenly over all devices of all hosts.
+Devices: the update step is one jax.jit program over a mesh of every device of every host (1 CPU, N GPUs, a TPU
+slice), docs/sharding.md. The global batch (config.batch_size) is split evenly over all devices; the params,
+AdamW moments and EMA are replicated (data parallelism, the default) or split over --config.mesh.fsdp=N devices
+(fully sharded data parallelism: N times less state per device). XLA_FLAGS=--xla_force_host_platform_device_count=N
+simulates N devices on a CPU.
 
 Multi-host (TPU pod slices, several GPU hosts): start the same command on every host with
 --config.distributed=True. It calls jax.distributed.initialize(), which finds the cluster by itself on Cloud TPU
 (and SLURM); elsewhere set JAX_COORDINATOR_ADDRESS=host:port (process 0's host), JAX_NUM_PROCESSES and
 JAX_PROCESS_ID on every process. CPU collectives use gloo. Every host reads its own slice of each global batch;
-host 0 writes workdir/model, logs and samples; all hosts take part in saving checkpoints (host 0 writes them),
-so --workdir must be a shared filesystem or a gs:// bucket path mounted the same on every host. A process
-whose peer dies stops with one line within about --distributed_heartbeat_timeout seconds; rerun every process
-to resume from the last checkpoint.
+host 0 writes workdir/model, logs and samples; every host writes its devices' shards of each checkpoint (host 0
+alone when the state is replicated), so --workdir must be a shared filesystem or a gs:// bucket path mounted the
+same on every host. A process whose peer dies stops with one line within about --distributed_heartbeat_timeout
+seconds; rerun every process to resume from the last checkpoint.
 
 Outputs in --workdir: model/ (diffusers-style configs, tokenizer, scheduler, frozen weights), checkpoints/,
 logs/ (TensorBoard), samples/<step>.png, train_config.json. Load the result with
@@ -207,7 +209,7 @@ def main(argv: list[str]) -> None:
     # --- Train: sdjax's own errors (bad config, data, weights; divergence) end the run with one clear line;
     # anything else is a bug and keeps its traceback.
     try:
-        loop.train_and_evaluate(config, _WORKDIR.value)
+        loop.train_and_evaluate(config, _WORKDIR.value, host_state=False)
     except Exception as e:
         ours = isinstance(e, (NonFiniteLossError, ValueError)) and type(e).__module__.startswith("sdjax")
         if not (ours or distributed):

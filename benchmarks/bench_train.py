@@ -3,7 +3,7 @@ sdjax vs diffusers (PyTorch) on the same random weights.
 
     python -m benchmarks.bench_train [--repeats 3] [--skip-sd15] [--sd15-size 256]
 
-Part 1 times the train loop's own pmapped update step for configs/shapes64.py (frozen VAE encode, text encoder,
+Part 1 times the train loop's own jitted update step for configs/shapes64.py (frozen VAE encode, text encoder,
 UNet forward and backward, AdamW, EMA) on one device, with random-init params (no stage-1 VAE needed) and a
 synthetic batch of the config's batch size. Part 2 is the UNet-only part of SD 1.5 training at --sd15-size pixels,
 batch 1: latents and a (1, 77, 768) text context given, then noise, add_noise, UNet forward and backward, MSE to
@@ -53,10 +53,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 
 def shapes64_setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The pmapped stage-2 step of ``config`` on one device with its replicated random-init state, frozen VAE
-    params, a synthetic batch {"image": (1, B, R, R, 3) float32 in [-1, 1], "input_ids": (1, B, 77) int32} and
-    the run's rng, built as the train loop builds them."""
+    """The jitted stage-2 step of ``config`` on one device with its random-init state, frozen VAE params, a
+    synthetic batch {"image": (B, R, R, 3) float32 in [-1, 1], "input_ids": (B, 77) int32} and the run's rng, placed
+    as the train loop places them (sdjax.parallel)."""
     from sdjax import parallel, schedule
+    from sdjax.loading import folders
     from sdjax.models.vae import AutoencoderKL, AutoencoderKLConfig
     from sdjax.train import diffusion_stage
     from sdjax.train import model as model_lib
@@ -65,8 +66,8 @@ def shapes64_setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     dtype, rng = model_lib.compute_dtype(config), jax.random.key(config.seed)
     with tempfile.TemporaryDirectory() as scratch:
-        tok = diffusion_stage._new_tokenizer(config, Path(scratch))
-    networks = diffusion_stage._new_networks(config, tok)
+        tok = diffusion_stage._new_tokenizers(config, folders.SD, Path(scratch))["tokenizer"]
+    networks = diffusion_stage._new_networks(config, folders.SD, tok)
     vae = AutoencoderKL(AutoencoderKLConfig.from_dict(load_config(config.vae_config).vae.to_dict()))
     modules = {"vae": vae.clone(dtype=dtype), **{name: m.clone(dtype=dtype) for name, m in networks.items()}}
     if config.remat:
@@ -75,12 +76,14 @@ def shapes64_setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
         modules, {"vae": model_lib.init_params(vae, jax.random.fold_in(rng, 2))}, tokenizer=tok,
         schedule=schedule.ScheduleConfig.from_dict(config.schedule.to_dict()),
     )  # fmt: skip
+    mesh = parallel.make_mesh(devices=jax.local_devices()[:1])
     params = model_lib.initial_params(config, model, jax.random.fold_in(rng, 1))
     state = state_lib.create_train_state(
         params, state_lib.make_optimizer(config), ema=config.ema_decay > 0, accumulation_steps=config.grad_accum_steps
     )
+    state = parallel.place(state, parallel.shardings(state, mesh))
+    frozen = parallel.place(model.frozen, parallel.shardings(model.frozen, mesh))
     step = steps_lib.make_train_step(diffusion_stage.DiffusionStage().loss_fn(config, model), config)
-    devices = jax.local_devices()[:1]
     b, r = config.batch_size, config.data.resolution
     data_rng = np.random.default_rng(0)
     batch = {
@@ -88,10 +91,10 @@ def shapes64_setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "input_ids": data_rng.integers(0, len(tok), (1, b, 77)).astype(np.int32),
     }
     return {
-        "p_step": steps_lib.pmap_step(step, devices),
-        "state": parallel.replicate(state, devices),
-        "frozen": parallel.replicate(model.frozen, devices),
-        "batch": batch,
+        "p_step": parallel.jit_train_step(step, state, frozen),
+        "state": state,
+        "frozen": frozen,
+        "batch": parallel.put_batch(batch, mesh),
         "rng": rng,
         "num_params": {name: sum(x.size for x in jax.tree.leaves(p)) for name, p in params.items()},
     }

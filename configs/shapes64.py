@@ -124,5 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.sample_steps = 25
     config.sample_guidance_scale = 3.0
+    # Devices (docs/sharding.md): data x fsdp; fsdp=N splits params, Adam moments and EMA over N devices.
+    config.mesh = dict(data=-1, fsdp=1, min_shard_size=2**14)
     config.distributed = False  # True on multi-host slices: calls jax.distributed.initialize()
     return config

@@ -74,5 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batches = 1 if tiny else 4
     config.sample_every = 0 if tiny else 250  # reconstructions grid from the EMA params; 0 turns it off
     config.num_samples = 8
+    # Devices (docs/sharding.md): data x fsdp; fsdp=N splits params, Adam moments and EMA over N devices.
+    config.mesh = dict(data=-1, fsdp=1, min_shard_size=2**14)
     config.distributed = False  # True on multi-host slices: calls jax.distributed.initialize()
     return config

@@ -8,8 +8,10 @@ A training workdir ``DIR`` holds::
                                data_position)
 
 ``params`` and ``ema_params`` map a component name ("vae", "unet", "text_encoder") to its parameter tree, so
-:func:`load_trained_params` reads them without knowing the optimizer. Arrays are saved as host numpy arrays:
-a checkpoint written on a TPU slice restores on a laptop CPU.
+:func:`load_trained_params` reads them without knowing the optimizer. Arrays are saved as the global arrays they
+are: each process writes the shards of its devices (one copy of replicated ones), nothing is gathered onto one host.
+A checkpoint restores onto any mesh (another fsdp size, another device count, one CPU): each process reads
+only the slices its devices hold.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # leftovers of a save interrupted by SIGKILL
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=item_handlers())
         self._closed = False
 
     def latest_step(self) -> int | None:
@@ -63,24 +65,26 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, items: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Starts saving ``items`` (name -> pytree of arrays, device or host) and ``meta`` (JSON-able) as ``step``.
+        """Starts saving ``items`` (name -> pytree of arrays: global jax.Arrays or host numpy) and ``meta``
+        (JSON-able) as ``step``. Every process of a multi-process run calls it (process 0 writes ``meta``).
 
         Arrays are copied to host memory before this returns, so the caller may donate or overwrite them.
         """
         unknown = set(items) - set(ITEMS)
         if unknown:
             raise CheckpointError(f"unknown checkpoint items {sorted(unknown)}; accepted: {', '.join(ITEMS)}")
-        args = {name: ocp.args.StandardSave(jax.device_get(tree)) for name, tree in items.items()}
+        args = {name: ocp.args.PyTreeSave(tree) for name, tree in items.items()}
         args[META] = ocp.args.JsonSave({**meta, "step": int(step)})
         self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
 
     def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restores the items named in ``targets`` (name -> pytree giving the structure) from ``step`` (default:
-        the latest). Returns (items as host numpy pytrees, meta dict)."""
+        the latest). Leaves that carry a sharding (``jax.ShapeDtypeStruct(..., sharding=s)``, jax.Arrays) restore
+        as global arrays with that sharding; others as host numpy arrays. Returns (items, meta dict)."""
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; found: {self.all_steps()}")
-        args = {name: ocp.args.StandardRestore(_host_structure(tree)) for name, tree in targets.items()}
+        args = {name: _restore_args(_host_structure(tree)) for name, tree in targets.items()}
         restored = self.manager.restore(step, args=ocp.args.Composite(**args, **{META: ocp.args.JsonRestore()}))
         return {name: restored[name] for name in targets}, dict(restored[META])
 
@@ -100,9 +104,32 @@ class Checkpoints:
             self._closed = True
 
 
+def item_handlers() -> dict[str, Any]:
+    """Orbax handlers of a checkpoint's items. Arrays are written by the first replica of each shard: a replicated
+    array once, by process 0 (Orbax's default, replica-parallel writing, would split it over every process that
+    holds a copy); a sharded one by the processes that hold its shards."""
+    handlers = [(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)]
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    registry = ocp.type_handlers.create_type_handler_registry(*handlers, (jax.Array, arrays))
+    trees = {name: ocp.PyTreeCheckpointHandler(type_handler_registry=registry) for name in ITEMS}
+    return {**trees, META: ocp.JsonCheckpointHandler()}
+
+
+def _restore_args(target: Any) -> Any:
+    # Per leaf: a jax.Array on the target's sharding, or a numpy array.
+    return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
 def _host_structure(tree: Any) -> Any:
-    # numpy leaves make Orbax restore numpy arrays, whatever devices (and sharding) the checkpoint was saved from.
-    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
+    # Sharded targets restore onto their shardings; numpy leaves make Orbax restore numpy arrays, whatever devices
+    # (and sharding) the checkpoint was saved from (np.zeros is lazily allocated: a shape, not memory).
+    def target(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return np.zeros(x.shape, x.dtype)
+
+    return jax.tree.map(target, tree)
 
 
 def is_workdir(path: str | Path) -> bool:
@@ -117,20 +144,43 @@ def load_trained_params(workdir: str | Path, step: int | None = None, ema: bool 
     Returns component name ("vae" for a stage-1 workdir; "unet" and, when trained, "text_encoder" otherwise) ->
     float32 numpy parameter tree, the EMA params when ``ema`` and the run kept them. The pipeline combines these
     with ``workdir/model/`` (configs and the frozen components' weights).
+
+    Reading is this process's alone (no barrier with other processes), whatever mesh wrote the checkpoint: one
+    host of a multi-host run may load a workdir while the others do something else.
     """
     workdir = Path(workdir)
     if not is_workdir(workdir):
         raise CheckpointError(f"{workdir} is not an sdjax workdir (expected model/model_index.json and checkpoints/)")
-    checkpoints = Checkpoints(workdir)
+    manager = _local_reader(workdir / CHECKPOINTS_DIR)
     try:
-        steps = checkpoints.all_steps()
+        steps = sorted(manager.all_steps())
         if not steps:
-            raise CheckpointError(f"{workdir} has no complete checkpoint yet in {checkpoints.directory}")
+            raise CheckpointError(f"{workdir} has no complete checkpoint yet in {workdir / CHECKPOINTS_DIR}")
         step = steps[-1] if step is None else step
         if step not in steps:
             raise CheckpointError(f"{workdir} has no checkpoint for step {step}; available steps: {steps}")
-        item = "ema_params" if ema and checkpoints.has_item("ema_params", step) else "params"
-        restored = checkpoints.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+        item = "ema_params" if ema and (workdir / CHECKPOINTS_DIR / str(step) / "ema_params").is_dir() else "params"
+        metadata = manager.item_metadata(step)[item]
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), _tree(metadata))
+        restored = manager.restore(step, args=ocp.args.Composite(**{item: _restore_args(target)}))
         return jax.tree.map(np.asarray, dict(restored[item]))
     finally:
-        checkpoints.close()
+        manager.close()
+
+
+def _local_reader(directory: Path) -> ocp.CheckpointManager:
+    # A read-only manager of this process alone: Orbax skips its cross-process barriers when the only active process
+    # is this one (a CheckpointManager of every process would wait for the others at its first barrier).
+    me = jax.process_index()
+    # Not read_only: Orbax logs a warning for read-only managers; this one only reads (nothing is written on open).
+    options = ocp.CheckpointManagerOptions(
+        create=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}),
+    )
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers())
+
+
+def _tree(metadata: Any) -> Any:
+    # Orbax item metadata: a tree of ArrayMetadata (shape, dtype), possibly wrapped in a metadata object.
+    tree = getattr(metadata, "tree", metadata)
+    return dict(tree) if isinstance(tree, dict) else tree

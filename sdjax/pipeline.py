@@ -252,7 +252,10 @@ class DiffusionPipeline:
     def _run(self, spec: denoise.DenoiseSpec, scalars: dict, inputs: dict, progress: bool) -> np.ndarray:
         """Runs the compiled denoise function on the batch split over the local devices; float32 (N, H, W, 3)."""
         n = inputs["noise"].shape[0]
-        devices = jax.local_devices()[: min(jax.local_device_count(), n)]
+        # pmap spans every process's devices: a multi-process program (a training run's preview on host 0) samples
+        # on one local device, which needs no other process.
+        local = jax.local_device_count() if jax.process_count() == 1 else 1
+        devices = jax.local_devices()[: min(local, n)]
         d, per_device = len(devices), -(-n // len(devices))
         _check_memory(spec, devices[0], per_device, inputs["noise"].shape[1:3])
         params = self._replicated_params(devices)

@@ -32,6 +32,7 @@ from tests.test_train import (
     cache_env,
     compilation_cache,  # noqa: F401 - the module's shared persistent compilation cache (autouse fixture)
     complete_checkpoints,
+    jitted_step,
     load_config,
     max_abs_diff,
 )
@@ -151,16 +152,14 @@ def lora_update(model_folder: str, num_devices: int) -> dict:
     params = stage.initial_params(config, model, jax.random.key(1))
     state = state_lib.create_train_state(params, state_lib.make_optimizer(config), ema=False)
     devices = jax.local_devices()[:num_devices]
-    p_step = steps.pmap_step(steps.make_train_step(stage.loss_fn(config, model), config), devices)
-    state, frozen = parallel.replicate(state, devices), parallel.replicate(model.frozen, devices)
+    train_step, state, frozen = jitted_step(steps.make_train_step(stage.loss_fn(config, model), config), state,
+                                            model.frozen, devices)  # fmt: skip
     batches = fixed_batches(0, load_tokenizer(folder / "tokenizer"))
     for _ in range(2):
-        batch = next(batches)
-        batch = {k: np.concatenate([v, v[:, ::-1]], axis=1).reshape(num_devices, -1, *v.shape[2:])
-                 for k, v in batch.items()}  # fmt: skip
-        state, metrics = p_step(state, frozen, batch, jax.random.key(0))
-    factors = jax.tree.map(lambda x: np.asarray(x).tolist(), parallel.unreplicate(state.params))
-    return {"metrics": {k: float(v[0]) for k, v in metrics.items()}, "params": factors}
+        batch = {k: parallel.host_rows(np.concatenate([v, v[:, ::-1]], axis=1)) for k, v in next(batches).items()}
+        state, metrics = train_step(state, frozen, batch, jax.random.key(0))
+    factors = jax.tree.map(lambda x: np.asarray(x).tolist(), parallel.to_host(state.params))
+    return {"metrics": {k: float(v) for k, v in metrics.items()}, "params": factors}
 
 
 @pytest.mark.slow  # two train.py / 2-device processes: 1-2 minutes on 2 shared cores

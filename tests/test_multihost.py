@@ -1,16 +1,19 @@
 """Multi-host training, for real: train.py as two processes on this machine (one CPU device each, gloo collectives,
 a coordinator on 127.0.0.1), started as the README says (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID and --config.distributed=True), against one process with two devices.
+JAX_PROCESS_ID and --config.distributed=True), against one process with two devices: data-parallel, fsdp=2 across
+the two processes, and stage 2 on a stage-1 workdir.
 
 Several train.py runs (TensorFlow start-up, a first compile, 2-process barriers) take a few minutes on a 2-core
-machine: the run tests are marked slow (``pytest -m slow tests/test_multihost.py``). The bad-environment tests
-are fast and run by default. Every process is started with a deadline and killed in a ``finally``.
+machine: those tests are marked slow (``pytest -m slow tests/test_multihost.py``). A 2-process smoke run of two
+fsdp steps and the bad-environment tests run by default. Every process is started with a deadline and killed in a
+``finally``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -54,29 +57,39 @@ def shared(tmp_path_factory) -> dict[str, Path]:
 
 def environment(shared: dict[str, Path], devices: int, batch_log: Path | None = None, **cluster: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SDJAX_")) and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               SDJAX_CACHE_DIR=str(shared["cache"]), TF_CPP_MIN_LOG_LEVEL="2", **cluster)  # fmt: skip
+    flags = f"--xla_force_host_platform_device_count={devices} {shared.get('xla_flags', '')}".strip()
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags, SDJAX_CACHE_DIR=str(shared["cache"]), TF_CPP_MIN_LOG_LEVEL="2",
+               **cluster)  # fmt: skip
     if batch_log is not None:
         env["SDJAX_BATCH_LOG"] = str(batch_log)
     return env
 
 
+FSDP = ["--config.mesh.fsdp=2", "--config.mesh.min_shard_size=256"]  # the tiny VAE's arrays are small
+STAGE2 = ["--config=configs/shapes64.py:tiny"]
+
+
 def train_args(shared: dict[str, Path], workdir: Path, steps: int, *extra: str) -> list[str]:
-    return [*TRAIN, f"--workdir={workdir}", f"--config.data.data_dir={shared['data']}", f"--config.steps={steps}",
+    """train.py's command line; a ``--config=`` in ``extra`` replaces TRAIN's."""
+    config = [e for e in extra if e.startswith("--config=")]
+    base = [config[0] if config and a.startswith("--config=") else a for a in TRAIN]
+    extra = tuple(e for e in extra if not e.startswith("--config="))
+    return [*base, f"--workdir={workdir}", f"--config.data.data_dir={shared['data']}", f"--config.steps={steps}",
             *extra]  # fmt: skip
 
 
 class Cluster:
     """Two train.py processes of one run; stderr of process i in ``logs/i.txt``."""
 
-    def __init__(self, shared: dict[str, Path], workdir: Path, steps: int, logs: Path, batch_log: Path | None = None):
+    def __init__(self, shared: dict[str, Path], workdir: Path, steps: int, logs: Path, batch_log: Path | None = None,
+                 extra: tuple[str, ...] = ()):  # fmt: skip
         port, self.logs = free_port(), logs
         logs.mkdir(parents=True, exist_ok=True)
         self.processes = []
         for i in range(2):
             env = environment(shared, 1, batch_log, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))  # fmt: skip
-            args = train_args(shared, workdir, steps, "--config.distributed=True")
+            args = train_args(shared, workdir, steps, "--config.distributed=True", *extra)
             with open(logs / f"{i}.txt", "w") as err:
                 self.processes.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err))
 
@@ -94,15 +107,17 @@ class Cluster:
             p.wait()
 
 
-def run_one_process(shared: dict[str, Path], workdir: Path, steps: int, batch_log: Path | None = None) -> None:
+def run_one_process(shared: dict[str, Path], workdir: Path, steps: int, batch_log: Path | None = None,
+                    extra: tuple[str, ...] = ()) -> None:  # fmt: skip
     """The reference: one process with two devices, the same global batch."""
-    out = subprocess.run(train_args(shared, workdir, steps), cwd=REPO, env=environment(shared, 2, batch_log),
+    out = subprocess.run(train_args(shared, workdir, steps, *extra), cwd=REPO, env=environment(shared, 2, batch_log),
                          capture_output=True, text=True, timeout=RUN_TIMEOUT)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def run_two_processes(shared: dict[str, Path], workdir: Path, steps: int, logs: Path, batch_log=None) -> Cluster:
-    cluster = Cluster(shared, workdir, steps, logs, batch_log)
+def run_two_processes(shared: dict[str, Path], workdir: Path, steps: int, logs: Path, batch_log=None,
+                      extra: tuple[str, ...] = ()) -> Cluster:  # fmt: skip
+    cluster = Cluster(shared, workdir, steps, logs, batch_log, extra)
     try:
         codes = cluster.wait()
     finally:
@@ -172,6 +187,85 @@ def test_checkpoints_are_written_once_by_process_0(two_process_run):
             writers = sorted(p.name for p in (workdir / "checkpoints" / str(step) / item).glob("ocdbt.process_*"))
             assert writers == ["ocdbt.process_0"], (step, item, writers)
         assert json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())["step"] == step
+
+
+def shard_writers(workdir: Path, step: int, item: str) -> list[str]:
+    return sorted(p.name for p in (workdir / "checkpoints" / str(step) / item).glob("ocdbt.process_*"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_two_process_run(shared, one_process_run, tmp_path_factory) -> Path:
+    """The workdir of the run of ``one_process_run`` as two processes with the state split over both (fsdp=2)."""
+    root = tmp_path_factory.mktemp("fsdp_two_processes")
+    run_two_processes(shared, root / "run", STEPS, root / "logs", extra=tuple(FSDP))
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_fsdp_across_two_processes_trains_the_params_of_one_process_with_two_devices(one_process_run,
+                                                                                     fsdp_two_process_run):  # fmt: skip
+    for ema in (False, True):
+        one = checkpoint.load_trained_params(one_process_run[0], STEPS, ema=ema)
+        two = checkpoint.load_trained_params(fsdp_two_process_run, STEPS, ema=ema)
+        print(f"fsdp=2 on 2 processes vs 1 process (ema={ema}): max |difference| = {max_abs_diff(one, two):.2e}")
+        assert max_abs_diff(one, two) <= 1e-6, f"ema={ema}"
+
+
+@pytest.mark.slow
+def test_each_process_writes_its_own_shards_of_an_fsdp_state(fsdp_two_process_run):
+    for item in ("params", "ema_params", "opt_state"):
+        assert shard_writers(fsdp_two_process_run, STEPS, item) == ["ocdbt.process_0", "ocdbt.process_1"], item
+
+
+@pytest.fixture(scope="module")
+def stage2_runs(shared, two_process_run, tmp_path_factory) -> tuple[Path, Path]:
+    """Stage 2 (configs/shapes64.py:tiny, fsdp=2) on the 2-process stage-1 workdir: (1 process with 2 devices,
+    2 processes) workdirs. Host 0 alone writes the model folder, which opens the stage-1 workdir's checkpoints."""
+    root = tmp_path_factory.mktemp("stage2")
+    extra = (*STAGE2, f"--config.vae_path={two_process_run[0]}", *FSDP)
+    run_one_process(shared, root / "one", 2, extra=extra)
+    run_two_processes(shared, root / "two", 2, root / "logs", extra=extra)
+    return root / "one", root / "two"
+
+
+@pytest.mark.slow
+def test_stage2_on_a_stage1_workdir_trains_on_two_processes_as_on_one(stage2_runs):
+    one, two = stage2_runs
+    scaling = [json.loads((w / "model" / "vae" / "config.json").read_text())["scaling_factor"] for w in stage2_runs]
+    assert scaling[0] == scaling[1]  # measured on the whole first batches, whatever the host count
+    for ema in (False, True):
+        difference = max_abs_diff(*(checkpoint.load_trained_params(w, 2, ema=ema) for w in (one, two)))
+        print(f"stage 2, 2 processes vs 1 process (ema={ema}): max |difference| = {difference:.2e}")
+        assert difference <= 1e-6
+
+
+def write_pictures(folder: Path, n: int = 8) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+
+
+def test_two_processes_train_two_fsdp_steps(tmp_path):
+    """Smoke test of the default suite (a folder of 8 pictures: nothing to render first): the 2-process cluster
+    starts, splits the state over both processes, trains two steps, and each process saves its shards."""
+    write_pictures(tmp_path / "pictures")
+    # Unoptimised XLA:CPU code compiles in 60% of the time (~30 instead of ~48 CPU s per process); the numbers
+    # are not compared here.
+    shared = {"cache": tmp_path / "cache", "data": tmp_path / "tfds", "xla_flags": "--xla_backend_optimization_level=0"}
+    started, cpu = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    extra = (*FSDP, f"--config.data.source={tmp_path / 'pictures'}")
+    cluster = run_two_processes(shared, tmp_path / "run", 2, tmp_path / "logs", extra=extra)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime
+    print(f"2-process smoke run: {time.monotonic() - started:.0f} s, {cpu_s:.0f} CPU s, load {os.getloadavg()[0]:.1f}")
+    assert complete_checkpoints(tmp_path / "run") == [2]
+    assert shard_writers(tmp_path / "run", 2, "params") == ["ocdbt.process_0", "ocdbt.process_1"]
+    for i in range(2):
+        assert "Traceback" not in cluster.stderr(i)
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from sdjax import parallel
-from sdjax.parallel import AXIS
 from sdjax.train import diffusion_stage, steps
 from sdjax.train import model as model_lib
 from sdjax.train import state as state_lib
+from tests.test_train import jitted_step
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16  # the :tiny config's resolution
@@ -163,16 +163,15 @@ def sdxl_step(tiny_sdxl, pictures, data_dir):
     model = model_lib.load_model(config, folder)
     params = model_lib.initial_params(config, model, jax.random.key(1))
     batch = first_batch(config, model)
-    stage, devices = diffusion_stage.DiffusionStage(), jax.local_devices()[:1]
+    stage = diffusion_stage.DiffusionStage()
     loss_fn, inputs_fn = stage.loss_fn(config, model), stage.training_inputs(config, model)
 
     def step(params, frozen, batch, rng, step):
         return loss_fn(params, frozen, batch, rng, step)[1], inputs_fn(params, frozen, batch, rng, step)
 
-    p_step = jax.pmap(step, AXIS, in_axes=(0, 0, 0, None, None), devices=devices)
-    replicated = parallel.replicate(params, devices), parallel.replicate(model.frozen, devices)
-    metrics, inputs = p_step(*replicated, batch, jax.random.key(config.seed), jnp.int32(0))
-    return config, model, batch, parallel.unreplicate(metrics), parallel.unreplicate(inputs)
+    rows = {k: parallel.host_rows(v) for k, v in batch.items()}
+    metrics, inputs = jax.jit(step)(params, model.frozen, rows, jax.random.key(config.seed), jnp.int32(0))
+    return config, model, batch, parallel.to_host(metrics), parallel.to_host(inputs)
 
 
 def diffusers_loss(torch_pipe, folder: Path, batch: dict, inputs: dict) -> tuple[float, dict]:
@@ -235,14 +234,14 @@ def test_bfloat16_remat_update_step_is_close_to_the_float32_loss(sdxl_step, tiny
     model = model_lib.load_model(config, tiny_sdxl[1])
     params = model_lib.initial_params(config, model, jax.random.key(1))
     state = state_lib.create_train_state(params, state_lib.make_optimizer(config), ema=False)
-    devices = jax.local_devices()[:1]
     loss_fn = diffusion_stage.DiffusionStage().loss_fn(config, model)
-    p_step = steps.pmap_step(steps.make_train_step(loss_fn, config), devices)
-    new_state, bf16 = p_step(parallel.replicate(state, devices), parallel.replicate(model.frozen, devices), batch,
-                             jax.random.key(config.seed))  # fmt: skip
-    new_params = parallel.unreplicate(new_state.params)
+    step = steps.make_train_step(loss_fn, config)
+    train_step, placed, frozen = jitted_step(step, state, model.frozen, jax.local_devices()[:1])
+    rows = {k: parallel.host_rows(v) for k, v in batch.items()}
+    new_state, bf16 = train_step(placed, frozen, rows, jax.random.key(config.seed))
+    new_params = parallel.to_host(new_state.params)
     assert jax.tree.leaves(new_params)[0].dtype == np.float32  # float32 master weights
-    assert abs(float(bf16["loss"][0]) - float(metrics["loss"])) < 2e-2 * float(metrics["loss"])
+    assert abs(float(bf16["loss"]) - float(metrics["loss"])) < 2e-2 * float(metrics["loss"])
     assert 0 < max_abs_diff(new_params, params) < 1e-4
 
 
@@ -266,15 +265,13 @@ def sdxl_update(num_devices: int, folder: Path, pictures: Path, data_dir: Path) 
     state = state_lib.create_train_state(
         model_lib.initial_params(config, model, jax.random.key(1)), state_lib.make_optimizer(config), ema=False
     )
-    devices = jax.local_devices()[:num_devices]
     loss_fn = diffusion_stage.DiffusionStage().loss_fn(config, model)
-    p_step = steps.pmap_step(steps.make_train_step(loss_fn, config), devices)
-    batch = first_batch(config, model, num_devices)
-    new_state, metrics = p_step(
-        parallel.replicate(state, devices), parallel.replicate(model.frozen, devices), batch, jax.random.key(0)
-    )
-    params = jax.tree.map(lambda x: x.tolist(), parallel.unreplicate(new_state.params))
-    return {"metrics": {k: float(v[0]) for k, v in metrics.items()}, "params": params}
+    step = steps.make_train_step(loss_fn, config)
+    train_step, state, frozen = jitted_step(step, state, model.frozen, jax.local_devices()[:num_devices])
+    batch = {k: parallel.host_rows(v) for k, v in first_batch(config, model, num_devices).items()}
+    new_state, metrics = train_step(state, frozen, batch, jax.random.key(0))
+    params = jax.tree.map(lambda x: x.tolist(), parallel.to_host(new_state.params))
+    return {"metrics": {k: float(v) for k, v in metrics.items()}, "params": params}
 
 
 def max_abs_diff(a, b) -> float:

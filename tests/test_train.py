@@ -251,24 +251,34 @@ def vae_train_step(vae, config):
     return steps.make_train_step(VAEStage().loss_fn(config, model_lib.Model({"vae": vae}, {})), config)
 
 
+def jitted_step(step, state, frozen, devices, fsdp: int = 1, min_shard_size: int = parallel.MIN_SHARD_SIZE):
+    """(jitted step, placed state, placed frozen params) on a ("data", "fsdp") mesh over ``devices``, as the train
+    loop builds them."""
+    mesh = parallel.make_mesh(fsdp=fsdp, devices=devices)
+    state = jax.tree.map(np.array, state)  # a copy: the step donates its state
+    state = parallel.place(state, parallel.shardings(state, mesh, min_shard_size))
+    frozen = parallel.place(frozen, parallel.shardings(frozen, mesh, min_shard_size))
+    return parallel.jit_train_step(step, state, frozen), state, frozen
+
+
 @pytest.fixture(scope="module")
 def vae_step():
     config = vae_config()
     vae = AutoencoderKL(AutoencoderKLConfig.from_dict(config.vae.to_dict()))
     params = {"vae": model_lib.init_params(vae, jax.random.key(0))}
-    devices = jax.local_devices()[:1]
     state = state_lib.create_train_state(params, state_lib.make_optimizer(config), ema=True)
-    return steps.pmap_step(vae_train_step(vae, config), devices), state, devices
+    return vae_train_step(vae, config), state, jax.local_devices()[:1]
 
 
 def test_vae_step_trains_the_vae_and_reports_psnr(vae_step):
-    p_step, state, devices = vae_step
+    step, state, devices = vae_step
     batch = next(synthetic_batches(0))
-    new_state, metrics = p_step(parallel.replicate(state, devices), {}, {"image": batch["image"]}, jax.random.key(0))
-    new_params = parallel.unreplicate(new_state.params)
+    train_step, placed, frozen = jitted_step(step, state, {}, devices)
+    new_state, metrics = train_step(placed, frozen, {"image": parallel.host_rows(batch["image"])}, jax.random.key(0))
+    new_params = parallel.to_host(new_state.params)
     assert max_abs_diff(new_params, state.params) > 0
     assert set(metrics) == {"loss", "reconstruction", "kl", "psnr", "grad_norm"}
-    assert 0 < float(metrics["psnr"][0]) < 20  # a random VAE reconstructs noise badly
+    assert 0 < float(metrics["psnr"]) < 20  # a random VAE reconstructs noise badly
 
 
 def shapes_batch() -> np.ndarray:
@@ -281,12 +291,13 @@ def shapes_batch() -> np.ndarray:
 
 
 def test_vae_loss_falls_when_overfitting_one_batch(vae_step):
-    p_step, state, devices = vae_step
-    batch = {"image": shapes_batch()}
-    state, rng, history = parallel.replicate(state, devices), jax.random.key(0), []
+    step, state, devices = vae_step
+    train_step, state, frozen = jitted_step(step, state, {}, devices)
+    batch = {"image": parallel.host_rows(shapes_batch())}
+    rng, history = jax.random.key(0), []
     for _ in range(60):
-        state, metrics = p_step(state, {}, batch, rng)
-        history.append(float(metrics["reconstruction"][0]))
+        state, metrics = train_step(state, frozen, batch, rng)
+        history.append(float(metrics["reconstruction"]))
     assert history[-1] < 0.5 * history[0], history[::10]
 
 
@@ -297,20 +308,20 @@ print(json.dumps([vae_update(n) for n in (1, 2)]))
 """
 
 
-def vae_update(num_devices: int) -> dict:
-    """Metrics and params (as lists) after one stage-1 step on the first ``num_devices`` devices, from the same
-    init and global batch as the ``vae_step`` fixture."""
+def vae_update(num_devices: int, fsdp: int = 1, min_shard_size: int = parallel.MIN_SHARD_SIZE) -> dict:
+    """Metrics and params (as lists) after one stage-1 step on the first ``num_devices`` devices (``fsdp`` of them
+    sharding the state), from the same init and global batch as the ``vae_step`` fixture."""
     config = vae_config()
     vae = AutoencoderKL(AutoencoderKLConfig.from_dict(config.vae.to_dict()))
     state = state_lib.create_train_state(
         {"vae": model_lib.init_params(vae, jax.random.key(0))}, state_lib.make_optimizer(config), ema=True
     )
     devices = jax.local_devices()[:num_devices]
-    p_step = steps.pmap_step(vae_train_step(vae, config), devices)
-    images = next(synthetic_batches(0))["image"].reshape(num_devices, -1, RES, RES, 3)
-    new_state, metrics = p_step(parallel.replicate(state, devices), {}, {"image": images}, jax.random.key(0))
-    params = jax.tree.map(lambda x: x.tolist(), parallel.unreplicate(new_state.params))
-    return {"metrics": {k: float(v[0]) for k, v in metrics.items()}, "params": params}
+    train_step, state, frozen = jitted_step(vae_train_step(vae, config), state, {}, devices, fsdp, min_shard_size)
+    images = parallel.host_rows(next(synthetic_batches(0))["image"])
+    new_state, metrics = train_step(state, frozen, {"image": images}, jax.random.key(0))
+    params = jax.tree.map(lambda x: x.tolist(), parallel.to_host(new_state.params))
+    return {"metrics": {k: float(v) for k, v in metrics.items()}, "params": params}
 
 
 def test_one_and_two_devices_make_the_same_update(compilation_cache):

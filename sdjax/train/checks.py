@@ -35,6 +35,7 @@ def check_config(config: ml_collections.ConfigDict, reads_data: bool = True) -> 
         value = config.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TrainConfigError(f"{name} must be an int >= 1, got {value!r}")
+    _check_mesh(config)
     if config.batch_size % jax.device_count():
         raise TrainConfigError(
             f"batch_size={config.batch_size} cannot be split evenly over {jax.device_count()} devices; use a "
@@ -46,6 +47,19 @@ def check_config(config: ml_collections.ConfigDict, reads_data: bool = True) -> 
             raise TrainConfigError(f"data.source {source} does not exist; expected a folder of images or a TFDS name")
         if Path(source).is_dir() and not any(Path(source).iterdir()):
             raise TrainConfigError(f"data.source {source} is an empty folder; expected images with captions")
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+    from sdjax import parallel
+
+    options = parallel.mesh_options(config)
+    try:
+        parallel.mesh_shape(options["data"], options["fsdp"], jax.device_count())
+    except parallel.MeshError as e:
+        raise TrainConfigError(str(e)) from e
+    size = options["min_shard_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise TrainConfigError(f"mesh.min_shard_size must be an int >= 1 (elements), got {size!r}")
 
 
 def check_same_model(config: ml_collections.ConfigDict, workdir: Path) -> None:

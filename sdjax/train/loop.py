@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import flax.jax_utils
 import jax
 import ml_collections
 import numpy as np
@@ -38,22 +37,29 @@ BatchesFn = Callable[[int], Batches]
 
 
 def input_pipeline(
-    config: ml_collections.ConfigDict, tok: Any, start: int, split: str | None = None, **features: Any
+    config: ml_collections.ConfigDict,
+    tok: Any,
+    start: int,
+    split: str | None = None,
+    whole_batches: bool = False,
+    **features: Any,
 ) -> Batches:
     """Batches {"image": (D, B, H, W, 3) float32 in [-1, 1], "input_ids": (D, B, 77) int32} for this host's D
     devices of ``split`` (default config.data.split), from batch number ``start`` on (the data position stored
-    in checkpoints). Stages that read no captions get no caption feature read. ``features``: what the model
-    family adds (``make_dataset``'s tokenizer_2, record_sizes: SDXL's second ids and micro-conditioning)."""
+    in checkpoints): this host's block of each global batch. ``whole_batches``: every row of each global batch on
+    this host (D = all devices), as a one-process run reads them. Stages that read no captions get no caption
+    feature read. ``features``: what the model family adds (``make_dataset``'s tokenizer_2, record_sizes: SDXL's
+    second ids and micro-conditioning)."""
     from sdjax.data.input_pipeline import make_dataset  # TensorFlow is imported only by runs that read data
 
     d = config.data
+    hosts = {"num_devices": jax.device_count(), "process_index": 0, "process_count": 1} if whole_batches else {}
     return make_dataset(
         d.source,
         split=split or d.split,
         resolution=d.resolution,
         tokenizer=tok if tok is not None else _captionless_tokenizer(),
         global_batch_size=config.batch_size,
-        num_devices=jax.local_device_count(),
         seed=config.seed,
         start_step=start,
         random_crop=d.random_crop,
@@ -63,7 +69,7 @@ def input_pipeline(
         caption_key=d.caption_key if get_stage(config.stage).reads_captions else None,
         data_dir=d.data_dir,
         source_options={"num_train": d.get("num_train") or None},
-        **features,
+        **{"num_devices": jax.local_device_count(), **features, **hosts},
     )
 
 
@@ -121,14 +127,17 @@ def train_and_evaluate(
     workdir: str | Path,
     batches_fn: BatchesFn | None = None,
     eval_batches_fn: Callable[[], Batches] | None = None,
-) -> state_lib.TrainState:
+    host_state: bool = True,
+) -> state_lib.TrainState | None:
     """Trains ``config.stage`` in ``workdir`` up to ``config.steps`` optimizer steps, resuming from the latest
     checkpoint there, with the validation loss every ``config.eval_every`` steps.
 
     ``batches_fn(position)`` overrides the training input pipeline (batches as :func:`input_pipeline`) and
     ``eval_batches_fn()`` the validation batches (without it, a run with ``batches_fn`` does not evaluate).
-    Returns the final state on the host (numpy leaves). Raises ``monitor.NonFiniteLossError`` when the loss
-    diverges and ``checks.TrainConfigError`` on an unusable config.
+    Returns the final state on the host (numpy leaves, gathered from every process), or None with
+    ``host_state=False`` (train.py: the checkpoints hold it; a large sharded state is not gathered onto each
+    host). Raises ``monitor.NonFiniteLossError`` when the loss diverges and ``checks.TrainConfigError`` on an
+    unusable config.
     """
     workdir = Path(workdir).absolute()
     checks.check_config(config, batches_fn is None)
@@ -141,7 +150,8 @@ def train_and_evaluate(
     except OSError as e:
         raise checks.TrainConfigError(f"cannot create workdir {workdir}: {e.strerror}") from e
     try:
-        return _train(config, workdir, batches_fn, eval_batches_fn)
+        state = _train(config, workdir, batches_fn, eval_batches_fn)
+        return parallel.to_host(state) if host_state else None
     except BaseException:
         # A run that failed before its first checkpoint leaves no workdir behind (nothing of the user's is in it).
         checkpoints = workdir / checkpoint.CHECKPOINTS_DIR
@@ -159,9 +169,10 @@ def prepare_model_folder(stage: Stage, config: ml_collections.ConfigDict, folder
     os.replace(tmp, folder)
 
 
-def evaluate(p_eval: Callable, params: Any, frozen: Any, batches: list, rng: jax.Array) -> dict[str, float]:
-    """Mean metrics of the pmapped evaluation step over ``batches`` (each with a leading device axis)."""
-    metrics = [parallel.unreplicate(p_eval(params, frozen, batch, rng)) for batch in batches]
+def evaluate(eval_step: Callable, params: Any, frozen: Any, batches: list, rng: jax.Array) -> dict[str, float]:
+    """Mean metrics of the jitted evaluation step over ``batches`` (this host's blocks of global batches)."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    metrics = [parallel.to_host(eval_step(params, frozen, parallel.put_batch(b, mesh), rng)) for b in batches]
     return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
 
@@ -192,7 +203,9 @@ def _model(config: ml_collections.ConfigDict, workdir: Path, stage: Stage, batch
     """The run's networks, from workdir/model (written first, by host 0, when the workdir is new)."""
     model_dir = workdir / checkpoint.MODEL_DIR
     if jax.process_index() == 0 and not (model_dir / "model_index.json").is_file():
-        first_batches = (lambda tok: batches_fn(0)) if batches_fn else (lambda tok: input_pipeline(config, tok, 0))
+        # Whole global batches: the folder (a new VAE's measured scaling factor) does not depend on the host count.
+        whole = lambda tok: input_pipeline(config, tok, 0, whole_batches=True)  # noqa: E731
+        first_batches = (lambda tok: batches_fn(0)) if batches_fn else whole
         prepare_model_folder(stage, config, model_dir, first_batches)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -214,27 +227,27 @@ def _train(
     # --- Model folder (written once per workdir, by host 0) and modules.
     model = _model(config, workdir, stage, batches_fn)
 
-    # --- Train state: restored from the latest checkpoint, else initialised.
+    # --- Mesh, and the train state on it: restored from the latest checkpoint, else initialised.
+    mesh = parallel.mesh_from_config(config)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    state, start, rng = model_lib.initial_state(config, model, ckpts)
+    state, start, rng = model_lib.initial_state(config, model, ckpts, mesh)
     if start >= config.steps:
         ckpts.close()
         logging.warning("%s already holds step %d of %d: nothing to train", workdir, start, config.steps)
         return state
 
-    # --- Devices, update and evaluation steps, input pipelines.
-    devices = jax.local_devices()
+    # --- Update and evaluation steps (jitted over the mesh), input pipelines.
     loss_fn = stage.loss_fn(config, model)
-    # pmap over every process's devices: given this host's devices alone, each host would average its own gradients.
-    p_step = steps.pmap_step(steps.make_train_step(loss_fn, config))
-    p_eval = steps.pmap_eval_step(steps.make_eval_step(loss_fn))
-    state = parallel.replicate(state, devices)
-    frozen = parallel.replicate(model.frozen, devices)
+    min_size = parallel.mesh_options(config)["min_shard_size"]
+    frozen = parallel.place(model.frozen, parallel.shardings(model.frozen, mesh, min_size))
+    train_step = parallel.jit_train_step(steps.make_train_step(loss_fn, config), state, frozen)
+    eval_step = parallel.jit_eval_step(steps.make_eval_step(loss_fn), state.params, frozen)
+    rng = parallel.put_key(rng, mesh)
     eval_batches = _eval_batches(config, model, batches_fn, eval_batches_fn)
     host_batches = _training_batches(config, model, batches_fn, start * accum)
     first = next(host_batches)
-    preview = stage.preview(config, model, first["image"].reshape(-1, *first["image"].shape[2:])[: config.num_samples])
-    batches = flax.jax_utils.prefetch_to_device(itertools.chain([first], host_batches), 2, devices)
+    preview = stage.preview(config, model, parallel.host_rows(first["image"])[: config.num_samples])
+    batches = parallel.prefetch(itertools.chain([first], host_batches), mesh)
 
     # --- Train loop.
     logger = monitor.Logger(workdir, start, config.steps, config.batch_size * accum)
@@ -243,7 +256,7 @@ def _train(
         with monitor.Preemption() as preemption:
             for step in range(start + 1, config.steps + 1):
                 for _ in range(accum):
-                    state, metrics = p_step(state, frozen, next(batches), rng)
+                    state, metrics = train_step(state, frozen, next(batches), rng)
                     pending.append((step, metrics))
                 logger.bar.update(1)
                 stop = preemption.reached(step)
@@ -256,10 +269,11 @@ def _train(
                 # Evaluation and previews use the EMA params when the run keeps them: those are what gets sampled.
                 params = state.ema_params if state.ema_params is not None else state.params
                 if eval_batches and (step % config.eval_every == 0 or step == config.steps):
-                    logger.evaluation(step, evaluate(p_eval, params, frozen, eval_batches, rng))
-                if config.sample_every and step % config.sample_every == 0 and jax.process_index() == 0:
-                    grid = preview({**model.frozen, **parallel.unreplicate(params)})
-                    logger.image(step, write_preview(grid, step, workdir))
+                    logger.evaluation(step, evaluate(eval_step, params, frozen, eval_batches, rng))
+                if config.sample_every and step % config.sample_every == 0:
+                    host_params = parallel.to_host(params)  # every process: shards may live on several
+                    if jax.process_index() == 0:
+                        logger.image(step, write_preview(preview({**model.frozen, **host_params}), step, workdir))
                 if stop:
                     logging.warning("preemption requested: saved step %d, exiting", step)
                     break
@@ -267,7 +281,7 @@ def _train(
         close_batches(host_batches)
         ckpts.close()
         logger.close()
-    return parallel.unreplicate(state)
+    return state
 
 
 def write_preview(grid: np.ndarray, step: int, workdir: Path) -> np.ndarray:

@@ -10,9 +10,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
-from sdjax import checkpoint, loading, schedule, tokenizer, weights
+from sdjax import checkpoint, loading, parallel, schedule, tokenizer, weights
 from sdjax.loading import folders
 from sdjax.train import state as state_lib
 from sdjax.train.checks import TrainConfigError
@@ -29,9 +30,16 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
     return DTYPES[config.dtype]
 
 
-def init_params(module: Any, rng: jax.Array) -> Params:
-    """Random float32 params of ``module`` (flax default initialisers), built from ``module.dummy_inputs()``."""
-    return jax.jit(module.init)(rng, *module.dummy_inputs())["params"]
+def init_params(module: Any, rng: jax.Array, shardings: Any = None) -> Params:
+    """Random float32 params of ``module`` (flax default initialisers), built from ``module.dummy_inputs()``;
+    drawn directly into ``shardings`` (a tree of ``NamedSharding``) when given: no device holds more than its
+    shards. The values do not depend on the shardings."""
+    if shardings is None:
+        return jax.jit(module.init)(rng, *module.dummy_inputs())["params"]
+    key = np.asarray(jax.random.key_data(rng))
+    # Inputs are constants of the program (not arguments): every process runs the same program, whatever its devices.
+    init = lambda: module.init(jax.random.wrap_key_data(key), *module.dummy_inputs())["params"]  # noqa: E731
+    return jax.jit(init, out_shardings=shardings)()
 
 
 @dataclasses.dataclass
@@ -92,32 +100,40 @@ def param_shapes(config: ml_collections.ConfigDict, model: Model) -> Params:
     }
 
 
-def initial_params(config: ml_collections.ConfigDict, model: Model, rng: jax.Array) -> Params:
+def initial_params(config: ml_collections.ConfigDict, model: Model, rng: jax.Array, shardings: Any = None) -> Params:
     """Step-0 float32 params of the trained components: config.pretrained_path's weights when set, else random;
-    a stage with its own ``initial_params`` (LoRA) makes them."""
+    a stage with its own ``initial_params`` (LoRA) makes them. Placed on ``shardings`` (the tree of their
+    ``NamedSharding``) when given."""
     stage = get_stage(config.stage)
     if hasattr(stage, "initial_params"):
-        return stage.initial_params(config, model, rng)
+        params = stage.initial_params(config, model, rng)
+        return params if shardings is None else parallel.place(params, shardings)
     params = {}
     for i, name in enumerate(get_stage(config.stage).trained(config)):
-        module = model.modules[name]
+        module, placement = model.modules[name], None if shardings is None else shardings[name]
         if config.get("pretrained_path"):
             params[name] = weights.load_component(Path(config.pretrained_path) / name)[1]
+            params[name] = params[name] if placement is None else parallel.place(params[name], placement)
         else:
-            params[name] = init_params(module.clone(dtype=jnp.float32), jax.random.fold_in(rng, i))
+            params[name] = init_params(module.clone(dtype=jnp.float32), jax.random.fold_in(rng, i), placement)
     return params
 
 
 def initial_state(
-    config: ml_collections.ConfigDict, model: Model, ckpts: checkpoint.Checkpoints
+    config: ml_collections.ConfigDict, model: Model, ckpts: checkpoint.Checkpoints, mesh: Any = None
 ) -> tuple[state_lib.TrainState, int, jax.Array]:
-    """(host state, optimizer step, rng): from the latest checkpoint in ``ckpts``, else step 0 of a new run."""
+    """(state, optimizer step, rng): from the latest checkpoint in ``ckpts``, else step 0 of a new run. The state's
+    arrays are global arrays on ``mesh`` (default: config.mesh over every device), each with the sharding of
+    :mod:`sdjax.parallel`'s rule, restored or created there directly (no full copy on any device)."""
     tx, ema, accum = state_lib.make_optimizer(config), config.ema_decay > 0, config.grad_accum_steps
+    mesh = parallel.mesh_from_config(config) if mesh is None else mesh
+    create = lambda p: state_lib.create_train_state(p, tx, ema=ema, accumulation_steps=accum)  # noqa: E731
+    shapes = jax.eval_shape(create, param_shapes(config, model))
+    shardings = parallel.shardings(shapes, mesh, parallel.mesh_options(config)["min_shard_size"])
     rng = jax.random.key(config.seed)
     if ckpts.latest_step() is None:
-        params = initial_params(config, model, jax.random.fold_in(rng, 1))
-        return state_lib.create_train_state(params, tx, ema=ema, accumulation_steps=accum), 0, rng
-    create = lambda p: state_lib.create_train_state(p, tx, ema=ema, accumulation_steps=accum)
-    state, start, rng = state_lib.restore_checkpoint(ckpts, jax.eval_shape(create, param_shapes(config, model)))
+        params = initial_params(config, model, jax.random.fold_in(rng, 1), shardings.params)
+        return jax.jit(create, out_shardings=shardings)(params), 0, rng
+    state, start, rng = state_lib.restore_checkpoint(ckpts, parallel.abstract(shapes, shardings))
     logging.info("resumed from %s at step %d", ckpts.directory / str(start), start)
     return state, start, rng

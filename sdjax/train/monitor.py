@@ -57,7 +57,7 @@ class Preemption:
 def check_finite(pending: list[tuple[int, dict]], ckpts: checkpoint.Checkpoints) -> dict[str, float]:
     """Fetches the pending (step, metrics) pairs; raises :class:`NonFiniteLossError` at the first step with a
     non-finite loss or gradient norm. Returns the mean of each metric."""
-    fetched = [(s, {k: float(v) for k, v in parallel.unreplicate(m).items()}) for s, m in pending]
+    fetched = [(s, {k: float(v) for k, v in parallel.to_host(m).items()}) for s, m in pending]
     for step, m in fetched:
         bad = {k: v for k, v in m.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
         if bad:

@@ -109,21 +109,25 @@ def apply_update(state: TrainState, grads: Params, *, ema_decay_max: float, ema_
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(ckpts: checkpoint.Checkpoints, state: Any, step: int, rng: jax.Array) -> None:
-    """Saves the replicated ``state`` after optimizer step ``step`` with the RNG and data position."""
-    host = parallel.unreplicate(state)
-    items = {"params": host.params, "opt_state": host.opt_state}
-    if host.ema_params is not None:
-        items["ema_params"] = host.ema_params
-    meta = {"data_position": int(host.step), "rng": np.asarray(jax.random.key_data(rng)).tolist()}
+def save_checkpoint(ckpts: checkpoint.Checkpoints, state: TrainState, step: int, rng: jax.Array) -> None:
+    """Saves ``state`` (global arrays on the mesh: each process writes its own shards) after optimizer step ``step``
+    with the RNG and data position."""
+    items = {"params": state.params, "opt_state": state.opt_state}
+    if state.ema_params is not None:
+        items["ema_params"] = state.ema_params
+    meta = {"data_position": int(parallel.to_host(state.step)), "rng": np.asarray(jax.random.key_data(rng)).tolist()}
     ckpts.save(step, items, meta)
 
 
-def restore_checkpoint(ckpts: checkpoint.Checkpoints, state: TrainState) -> tuple[Any, int, jax.Array]:
-    """(state, optimizer step, rng) from the latest checkpoint; ``state`` gives the structure."""
-    targets = {"params": state.params, "opt_state": state.opt_state}
-    if state.ema_params is not None:
-        targets["ema_params"] = state.ema_params
+def restore_checkpoint(ckpts: checkpoint.Checkpoints, target: TrainState) -> tuple[TrainState, int, jax.Array]:
+    """(state, optimizer step, rng) from the latest checkpoint. ``target`` gives the structure and, with
+    ``jax.ShapeDtypeStruct`` leaves that carry shardings, where each array goes: each process then reads only its
+    devices' shards, whatever mesh wrote the checkpoint. Numpy-like leaves restore host arrays."""
+    targets = {"params": target.params, "opt_state": target.opt_state}
+    if target.ema_params is not None:
+        targets["ema_params"] = target.ema_params
     items, meta = ckpts.restore(targets)
-    state = state.replace(step=np.int32(meta["data_position"]), **items)
+    step = np.int32(meta["data_position"])
+    sharding = getattr(target.step, "sharding", None)
+    state = target.replace(step=step if sharding is None else parallel.place(step, sharding), **items)
     return state, int(meta["step"]), jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))

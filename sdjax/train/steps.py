@@ -1,29 +1,28 @@
-"""Update and evaluation steps built from a stage's loss, and their ``pmap``.
+"""Update and evaluation steps built from a stage's loss. They are plain functions of global arrays: placing them
+on devices (``jax.jit`` over the mesh, shardings, donation) is :mod:`sdjax.parallel`'s.
 
 A stage's loss is ``loss_fn(params, frozen, batch, rng, step) -> (loss, metrics)``:
   params: component name -> params being trained (float32); frozen: name -> params of the frozen components;
-  batch: {"image": (B, H, W, 3) float32 in [-1, 1], "input_ids": (B, 77) int32} per device;
+  batch: {"image": (B, H, W, 3) float32 in [-1, 1], "input_ids": (B, 77) int32}, the global batch;
   rng: the run's key; step: the data position (micro-batches seen), which seeds this batch's randomness.
-The update step takes (state, frozen, batch, rng) and returns (state, metrics), with the state donated; the
-evaluation step takes (params, frozen, batch, rng) and returns metrics. Both average over devices (``lax.pmean``).
+The update step takes (state, frozen, batch, rng) and returns (state, metrics); the evaluation step takes
+(params, frozen, batch, rng) and returns metrics. Losses and metrics are means over the global batch: however
+the batch is split over devices, XLA reduces the gradients (no hand-written collective).
 
-Randomness: the step key is ``fold_in(rng, step)``; each example then gets ``fold_in(step_key, global index)``
-with global index = device index * B + position. Every example thus sees the same noise however the global batch
-is split over devices (and hosts), so 1 device and N devices make the same update.
+Randomness: the step key is ``fold_in(rng, step)``; each example then gets ``fold_in(step_key, global index)``,
+its row in the global batch. Every example thus sees the same noise however the global batch is split over
+devices (and hosts), so 1 device, N data-parallel devices and any fsdp layout make the same update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax import lax
 
-from sdjax.parallel import AXIS
 from sdjax.train.state import TrainState, apply_update
 
 Batch = dict[str, jax.Array]
@@ -36,9 +35,9 @@ EVAL_STREAM = 0x5EED  # evaluation draws its noise from fold_in(rng, EVAL_STREAM
 
 def example_keys(rng: jax.Array, step: jax.Array, batch_size: int, num_streams: int) -> jax.Array:
     """Per-example keys, independent of the device layout: (num_streams, B) keys (one stream per random
-    quantity) for the B examples of this device. Call inside ``pmap(axis_name=AXIS)``."""
+    quantity) for the B examples of the global batch, example i's from its index i."""
     step_key = jax.random.fold_in(rng, step)
-    index = lax.axis_index(AXIS) * batch_size + jnp.arange(batch_size)
+    index = jnp.arange(batch_size)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, index)
     return jax.vmap(lambda k: jax.random.split(k, num_streams), out_axes=1)(keys)
 
@@ -49,16 +48,15 @@ def normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def make_train_step(loss_fn: LossFn, config: ml_collections.ConfigDict) -> StepFn:
-    """The update step of ``loss_fn``: gradients averaged over devices, optimizer and EMA update
+    """The update step of ``loss_fn``: gradients of the global batch's mean loss, optimizer and EMA update
     (config.ema_decay, config.ema_warmup). Metrics: the loss's, plus grad_norm."""
 
     def step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, frozen, batch, rng, state.step)
-        grads = lax.pmean(grads, AXIS)
         metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
         state = apply_update(state, grads, ema_decay_max=config.ema_decay, ema_warmup=config.ema_warmup)
-        return state, lax.pmean(metrics, AXIS)
+        return state, metrics
 
     return step
 
@@ -68,19 +66,6 @@ def make_eval_step(loss_fn: LossFn) -> EvalFn:
 
     def step(params: dict, frozen: dict, batch: Batch, rng: jax.Array) -> Metrics:
         _, metrics = loss_fn(params, frozen, batch, jax.random.fold_in(rng, EVAL_STREAM), jnp.int32(0))
-        return lax.pmean(metrics, AXIS)
+        return metrics
 
     return step
-
-
-def pmap_step(step: StepFn, devices: list[Any] | None = None) -> Callable:
-    """``pmap`` of an update step over ``devices`` (default: the devices of every process, host by host) with the
-    state donated and the rng broadcast. Inputs: this host's replicated state and frozen params, batch with a
-    leading axis over this host's devices. Multi-host runs must not pass ``devices``: a host's own devices would
-    make a pmap (and a gradient mean) of that host alone."""
-    return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 0, None), donate_argnums=(0,), devices=devices)
-
-
-def pmap_eval_step(step: EvalFn, devices: list[Any] | None = None) -> Callable:
-    """``pmap`` of an evaluation step: replicated params and frozen params, batch with a device axis."""
-    return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 0, None), devices=devices)
