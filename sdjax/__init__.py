@@ -7,6 +7,7 @@ xl = sdjax.StableDiffusionXL.from_pretrained("path/to/sdxl-folder")
 any_pipe = sdjax.from_pretrained("path/to/any")  # StableDiffusion or StableDiffusionXL
 """
 
+import importlib
 from typing import Any
 
 __all__ = [
@@ -18,6 +19,32 @@ __all__ = [
     "from_pretrained",
 ]
 __version__ = "0.1.0"
+
+# Submodules reachable as attributes after a bare `import sdjax` (sdjax.tokenizer.clip_tokenizer(), sdjax.weights,
+# sdjax.shapes64.judge, ...), each imported on first use: `import sdjax` itself stays free of JAX and TensorFlow.
+SUBMODULES = (
+    "checkpoint",
+    "compile_cache",
+    "data",
+    "denoise",
+    "errors",
+    "export",
+    "images",
+    "latents",
+    "loading",
+    "models",
+    "parallel",
+    "pipeline",
+    "platform",
+    "predictions",
+    "samplers",
+    "schedule",
+    "sdxl",
+    "shapes64",
+    "tokenizer",
+    "train",
+    "weights",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -39,7 +66,19 @@ def __getattr__(name: str) -> Any:
         from sdjax.samplers import SAMPLERS
 
         return SAMPLERS
-    raise AttributeError(f"module 'sdjax' has no attribute {name!r}")
+    return _submodule(__name__, SUBMODULES, name)
+
+
+def _submodule(package: str, names: tuple[str, ...], name: str) -> Any:
+    """``package.name`` imported on first use when ``name`` is one of its submodules ``names``: a package's
+    module-level ``__getattr__``, so that ``import sdjax`` reaches ``sdjax.shapes64.judge`` and the like."""
+    if name in names:
+        return importlib.import_module(f"{package}.{name}")
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *SUBMODULES})
 
 
 def from_pretrained(path: Any, dtype: Any = None, variant: str | None = None, **kwargs: Any) -> Any:

@@ -477,7 +477,9 @@ def noised_latents(plan: SamplerPlan, x0: jnp.ndarray, noise: jnp.ndarray) -> jn
     return jnp.float32(plan.start_x0_scale) * x0 + jnp.float32(plan.start_noise_scale) * noise
 
 
-def _plan_rows(plan: SamplerPlan) -> dict[str, jnp.ndarray]:
+def plan_rows(plan: SamplerPlan) -> dict[str, jnp.ndarray]:
+    """The plan's per-evaluation values as arrays with a leading (num_evaluations,) axis: what
+    :func:`sample_steps` scans over (``index``, ``timesteps``, ``c_in``, sigmas or alphas, ``modes``)."""
     rows = {"index": jnp.arange(plan.num_evaluations, dtype=jnp.int32)}
     for field in ("timesteps", "c_in", "alphas_t", "alphas_prev", "sigmas", "sigmas_next", "sigmas_prev"):
         if getattr(plan, field):
@@ -500,7 +502,6 @@ def sample(
     rng: jax.Array,
     *,
     eta: float | jnp.ndarray = 0.0,
-    progress: Callable[[int], None] | None = None,
 ) -> jnp.ndarray:
     """Runs the whole denoising loop of ``plan`` as one ``lax.scan``; returns the final latents.
 
@@ -508,22 +509,40 @@ def sample(
     model_fn(x_in, t) -> model output (B, H, W, C) in the config's prediction type, any float dtype; x_in is
     float32 x already scaled as diffusers' ``scale_model_input``, t a float32 scalar timestep.
     rng: PRNG key, or (B,) keys, one per example; evaluation i draws its noise from ``fold_in(rng, i)`` (per
-    example with (B,) keys). eta: DDIM noise scale (0 =
-    deterministic, 1 = DDPM-like), may be traced; ignored by other samplers. progress: optional host callback
-    called with each evaluation index. Returns float32 (B, H, W, C).
+    example with (B,) keys). eta: DDIM noise scale (0 = deterministic, 1 = DDPM-like), may be traced; ignored by
+    other samplers. Returns float32 (B, H, W, C).
     """
+    carry = sample_steps(plan, model_fn, initial_carry(plan, x), plan_rows(plan), rng, eta=eta)
+    return carry[0]
+
+
+def initial_carry(plan: SamplerPlan, x: jnp.ndarray) -> tuple[jnp.ndarray, Any]:
+    """The loop's carry before the first evaluation: (x float32 (B, H, W, C), the sampler's state)."""
+    x = x.astype(jnp.float32)
+    return x, REGISTRY[plan.name].initial_state(x)
+
+
+def sample_steps(
+    plan: SamplerPlan,
+    model_fn: ModelFn,
+    carry: tuple[jnp.ndarray, Any],
+    rows: dict[str, jnp.ndarray],
+    rng: jax.Array,
+    *,
+    eta: float | jnp.ndarray = 0.0,
+) -> tuple[jnp.ndarray, Any]:
+    """Runs the evaluations in ``rows`` (:func:`plan_rows`, or a slice of it) from ``carry`` (x, sampler state)
+    as one ``lax.scan`` and returns the carry after them. :func:`sample` is this over every row; a host loop over
+    one-row slices (a progress bar) runs the same steps. Arguments as :func:`sample`."""
     record = REGISTRY[plan.name]
     # Drawing noise nobody uses still costs a threefry compile; a literal eta = 0 makes DDIM deterministic.
     stochastic = record.stochastic or (plan.name == "ddim" and not (isinstance(eta, (int, float)) and eta == 0))
 
     def body(carry, s):
         x, state = carry
-        if progress is not None:
-            jax.debug.callback(lambda i: progress(int(i)), s["index"])
         out = model_fn(x * s["c_in"], s["timesteps"]).astype(jnp.float32)
         noise = _step_noise(rng, s["index"], x.shape) if stochastic else None
         return record.step(plan, x, state, out, s, noise, eta), None
 
-    x = x.astype(jnp.float32)
-    (x, _), _ = jax.lax.scan(body, (x, record.initial_state(x)), _plan_rows(plan))
-    return x
+    carry, _ = jax.lax.scan(body, carry, rows)
+    return carry

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sdjax import schedule, tokenizer, weights
+from sdjax import _submodule, schedule, tokenizer, weights
 from sdjax.errors import PipelineError
 from sdjax.loading import folders
 
@@ -177,3 +177,21 @@ def network_dtypes(path: Path, layout: folders.Layout, dtype: Any) -> dict[str, 
         return {}
     _, vae_config = weights.read_component_config(path / "vae")
     return {"vae": jnp.float32} if vae_config.get("force_upcast", True) else {}
+
+
+def __getattr__(name: str) -> Any:
+    # Submodules on first use (sdjax.loading.ldm_names after a bare `import sdjax`).
+    return _submodule(
+        __name__,
+        (
+            "folders",
+            "ldm_names",
+            "ldm_names_xl",
+            "lora",
+            "lora_export",
+            "single_file",
+            "single_file_xl",
+            "textual_inversion",
+        ),
+        name,
+    )
