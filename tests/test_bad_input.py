@@ -245,6 +245,13 @@ def test_prompts_with_lone_surrogates_are_one_line(tiny_pipe, prompts):
         tiny_pipe.generate(prompts, num_inference_steps=2)
 
 
+@pytest.mark.parametrize("option", [dict(tokenizer_path="tok"), dict(prediction_type="v_prediction")], ids=str)
+def test_single_file_options_on_a_folder_are_refused(tiny_model, option):
+    name = next(iter(option))
+    with pytest.raises(PipelineError, match=f"{name} applies to SD 1.x / 2.x single-file checkpoints; .* a folder"):
+        sdjax.StableDiffusion.from_pretrained(tiny_model, **option)
+
+
 def test_options_the_mode_ignores_are_refused_after_loading_and_leave_nothing(tiny_model, tmp_path, capsys):
     # The shapes of these runs are only known once the model is: its sampler (ddim) and guidance (7.5).
     out = tmp_path / "out"
