@@ -5,13 +5,16 @@ pipe = sdjax.StableDiffusion.from_pretrained("path/to/diffusers-folder")
 images = pipe.generate(["a red circle on a blue background"], num_inference_steps=50)  # (N, H, W, 3) in [0, 1]
 xl = sdjax.StableDiffusionXL.from_pretrained("path/to/sdxl-folder")
 any_pipe = sdjax.from_pretrained("path/to/any")  # StableDiffusion or StableDiffusionXL
+controlnet = sdjax.ControlNet.from_pretrained("path/to/controlnet")  # diffusers folder or .safetensors
 """
 
 import importlib
+import pkgutil
 from typing import Any
 
 __all__ = [
     "SAMPLERS",
+    "ControlNet",
     "PipelineError",
     "StableDiffusion",
     "StableDiffusionXL",
@@ -19,32 +22,6 @@ __all__ = [
     "from_pretrained",
 ]
 __version__ = "0.1.0"
-
-# Submodules reachable as attributes after a bare `import sdjax` (sdjax.tokenizer.clip_tokenizer(), sdjax.weights,
-# sdjax.shapes64.judge, ...), each imported on first use: `import sdjax` itself stays free of JAX and TensorFlow.
-SUBMODULES = (
-    "checkpoint",
-    "compile_cache",
-    "data",
-    "denoise",
-    "errors",
-    "export",
-    "images",
-    "latents",
-    "loading",
-    "models",
-    "parallel",
-    "pipeline",
-    "platform",
-    "predictions",
-    "samplers",
-    "schedule",
-    "sdxl",
-    "shapes64",
-    "tokenizer",
-    "train",
-    "weights",
-)
 
 
 def __getattr__(name: str) -> Any:
@@ -58,6 +35,10 @@ def __getattr__(name: str) -> Any:
         from sdjax.sdxl import StableDiffusionXL
 
         return StableDiffusionXL
+    if name == "ControlNet":
+        from sdjax.controlnet import ControlNet
+
+        return ControlNet
     if name == "enable_compile_cache":
         from sdjax.compile_cache import enable_compile_cache
 
@@ -66,19 +47,25 @@ def __getattr__(name: str) -> Any:
         from sdjax.samplers import SAMPLERS
 
         return SAMPLERS
-    return _submodule(__name__, SUBMODULES, name)
+    return _submodule(__name__, __path__, name)
 
 
-def _submodule(package: str, names: tuple[str, ...], name: str) -> Any:
-    """``package.name`` imported on first use when ``name`` is one of its submodules ``names``: a package's
-    module-level ``__getattr__``, so that ``import sdjax`` reaches ``sdjax.shapes64.judge`` and the like."""
-    if name in names:
+def _submodule(package: str, path: list[str], name: str) -> Any:
+    """``package.name`` imported on first use when ``name`` is one of its submodules: a package's module-level
+    ``__getattr__``, so that a bare ``import sdjax`` (which imports neither JAX nor TensorFlow) reaches
+    ``sdjax.tokenizer``, ``sdjax.weights``, ``sdjax.shapes64.judge`` and the like."""
+    if name in submodules(path):
         return importlib.import_module(f"{package}.{name}")
     raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
 
+def submodules(path: list[str]) -> list[str]:
+    """The names of the modules and packages in a package's ``__path__``."""
+    return [module.name for module in pkgutil.iter_modules(path)]
+
+
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__, *SUBMODULES})
+    return sorted({*globals(), *__all__, *submodules(__path__)})
 
 
 def from_pretrained(path: Any, dtype: Any = None, variant: str | None = None, **kwargs: Any) -> Any:

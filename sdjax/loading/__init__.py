@@ -189,18 +189,5 @@ def network_dtypes(path: Path, layout: folders.Layout, dtype: Any) -> dict[str, 
 
 
 def __getattr__(name: str) -> Any:
-    # Submodules on first use (sdjax.loading.ldm_names after a bare `import sdjax`).
-    return _submodule(
-        __name__,
-        (
-            "folders",
-            "ldm_names",
-            "ldm_names_xl",
-            "lora",
-            "lora_export",
-            "single_file",
-            "single_file_xl",
-            "textual_inversion",
-        ),
-        name,
-    )
+    # Submodules on first use, after a bare `import sdjax` too.
+    return _submodule(__name__, __path__, name)

@@ -6,5 +6,5 @@ from sdjax import _submodule
 
 
 def __getattr__(name: str) -> Any:
-    # Submodules on first use (sdjax.models.config after a bare `import sdjax`).
-    return _submodule(__name__, ("clip", "config", "layers", "unet", "vae"), name)
+    # Submodules on first use, after a bare `import sdjax` too.
+    return _submodule(__name__, __path__, name)

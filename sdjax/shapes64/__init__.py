@@ -50,5 +50,5 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Submodules on first use (sdjax.shapes64.judge after a bare `import sdjax`).
-    return _submodule(__name__, ("dataset", "judge", "scene"), name)
+    # Submodules on first use, after a bare `import sdjax` too.
+    return _submodule(__name__, __path__, name)
