@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python(*args: str | bytes, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    # Without TRANSFORMERS_NO_ADVISORY_WARNINGS, which importing train.py in this process sets.
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
