@@ -4,7 +4,7 @@
     python sample.py --model path/to/stable-diffusion-v1-5 --prompt "an astronaut riding a horse" \\
         --negative-prompt "blurry" --num-images 4 --steps 50 --guidance 7.5 --sampler dpmpp_2m --out out/
     python sample.py --model DIR --prompt "..." --init-image photo.png --strength 0.6 --out out/
-    python sample.py --model stable-diffusion-xl-base-1.0 --refiner stable-diffusion-xl-refiner-1.0 \
+    python sample.py --model stable-diffusion-xl-base-1.0 --refiner stable-diffusion-xl-refiner-1.0 \\
         --high-noise-frac 0.8 --prompt "an astronaut riding a horse" --steps 40 --dtype bfloat16 --out out/
 
 --model takes a diffusers folder (SD 1.x / 2.x or SDXL), an sdjax training workdir or a single-file .safetensors
@@ -25,13 +25,9 @@ START = time.perf_counter()  # before the heavy imports: the printed breakdown c
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-# sdjax needs only transformers' tokenizer: silence its "PyTorch was not found" advice in this CLI.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+from typing import Any, NoReturn  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,15 +35,33 @@ import numpy as np  # noqa: E402
 from sdjax.shapes64 import MODEL_DIR as DEFAULT_MODEL  # noqa: E402
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default where it has one its help does not state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "default" in help_text or action.required:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line (status 2), not argparse's usage block: the line names the flag, --help lists them all."""
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """sample.py's options; errors are one line (status 2)."""
     from sdjax.samplers import SAMPLERS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser = _Parser(description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--prompt", action="append", required=True, help="text prompt; repeat for several prompts")
     parser.add_argument("--negative-prompt", action="append", default=None, help="one for all, or one per prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
@@ -56,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     parser.add_argument("--sampler", default=None, choices=SAMPLERS, help="sampler (default: the model's)")
     parser.add_argument("--refiner", default=None, help="SDXL refiner (folder or file) for the last denoising steps")
-    parser.add_argument("--high-noise-frac", type=float, default=0.8, help="with --refiner: the base's share")
+    parser.add_argument(
+        "--high-noise-frac",
+        type=float,
+        default=None,
+        help="with --refiner: the base's share (default: 0.8)",
+    )
     parser.add_argument("--karras", action="store_true", help="Karras sigmas (samplers with sigmas, as diffusers)")
     parser.add_argument(
         "--scheduler-config",
@@ -66,21 +85,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a scheduler config field for this run, over the model's (repeatable; VALUE is JSON or a string), "
         "e.g. timestep_spacing=trailing",
     )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta / TCD gamma (0 = deterministic)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta / TCD gamma, 0 = deterministic (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses (seed, i)")
-    parser.add_argument("--height", type=int, default=None, help="pixels (None: the model's sample size)")
-    parser.add_argument("--width", type=int, default=None, help="pixels (None: the model's sample size)")
-    parser.add_argument("--model", default=None, help=f"diffusers folder or sdjax workdir (default {DEFAULT_MODEL})")
-    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: built in)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's sample size)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's sample size)")
+    parser.add_argument(
+        "--model", default=None, help=f"diffusers folder, sdjax workdir or .safetensors file (default: {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--tokenizer", default=None, help="single files: tokenizer folder (default: built in)")
     parser.add_argument(
         "--prediction-type",
         default=None,
         choices=("epsilon", "v_prediction"),
         help="single-file checkpoints only: v_prediction for SD 2.x 768-v (not recorded in the weights)",
     )
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="params and compute dtype")
     parser.add_argument("--init-image", default=None, help="image file for image-to-image")
-    parser.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the schedule re-run")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --init-image: share re-run (default: 0.75)",
+    )
     parser.add_argument("--progress", action="store_true", help="show a progress bar over the sampling steps")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -88,7 +114,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="do not read or write JAX's persistent compilation cache ($SDJAX_CACHE_DIR, else ~/.cache/sdjax/jax)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+# Options that only act in one mode, with the mode they need (checked before loading; the others after it).
+_NEEDS = {
+    "strength": ("--strength", "init_image", "image-to-image: pass --init-image FILE too"),
+    "high_noise_frac": ("--high-noise-frac", "refiner", "the SDXL base -> refiner hand-off: pass --refiner PATH too"),
+}
+DEFAULTS = {"strength": 0.75, "high_noise_frac": 0.8, "eta": 0.0}  # after the checks above
+FLAGS = {"guidance_scale": "--guidance", "eta": "--eta", "strength": "--strength", "seed": "--seed",
+         "num_images_per_prompt": "--num-images"}  # fmt: skip
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -96,10 +132,23 @@ def check_args(args: argparse.Namespace) -> None:
     the output folder (created here if missing, so that a late failure to write cannot lose the images)."""
     from sdjax import pipeline
 
+    for name, (flag, needed, mode) in _NEEDS.items():
+        if getattr(args, name) is not None and getattr(args, needed) is None:
+            raise ValueError(f"{flag} applies to {mode}")
+    check_modes(args, args.sampler, args.guidance)
+    for flag, texts in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                        ("--prompt-2", args.prompt_2), ("--negative-prompt-2", args.negative_prompt_2)):  # fmt: skip
+        for text in texts or ():
+            pipeline.check_text(flag, text)
+    for name, default in DEFAULTS.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     guidance = 1.0 if args.guidance is None else args.guidance
-    pipeline.check_generate_args(guidance, args.eta, args.strength, args.seed, args.num_images)
+    pipeline.check_generate_args(guidance, args.eta, args.strength, args.seed, args.num_images, FLAGS)
     if args.refiner is not None and not 0 < args.high_noise_frac < 1:
-        raise ValueError(f"--high-noise-frac must be in (0, 1), got {args.high_noise_frac}")
+        raise ValueError(f"--high-noise-frac must be a finite number in (0, 1), got {args.high_noise_frac}")
+    if (args.tokenizer or args.prediction_type) and Path(args.model or DEFAULT_MODEL).is_dir():
+        flag = "--tokenizer" if args.tokenizer else "--prediction-type"
+        raise ValueError(f"{flag} applies to single-file .safetensors checkpoints; a folder --model has its own")
     if args.refiner is not None and args.init_image is not None:
         raise ValueError("--refiner continues a text-to-image run; it does not take --init-image")
     args.scheduler_config = scheduler_config(args.scheduler_config)
@@ -108,12 +157,13 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and not 0 < value <= pipeline.MAX_IMAGE_SIDE:
-            raise ValueError(f"--{name} must be in [8, {pipeline.MAX_IMAGE_SIDE}] pixels, got {value}")
+            raise ValueError(f"--{name} must be in [1, {pipeline.MAX_IMAGE_SIDE}] pixels, got {value}")
     if args.init_image is not None:
         pipeline.read_image(args.init_image)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    args.created_out = not out.exists()  # a later error removes it again (when still empty): nothing left behind
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".sdjax-write-test"
@@ -183,7 +233,8 @@ def load_models(args: argparse.Namespace, model: Path) -> tuple[Any, Any]:
     xl_only = {"--prompt-2": args.prompt_2, "--negative-prompt-2": args.negative_prompt_2, "--refiner": args.refiner}
     given = [flag for flag, value in xl_only.items() if value is not None]
     if given and not isinstance(pipe, sdjax.StableDiffusionXL):
-        raise ValueError(f"{', '.join(given)} apply to SDXL models; {model} is Stable Diffusion 1.x / 2.x")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{', '.join(given)} {verb} to SDXL models; {model} is Stable Diffusion 1.x / 2.x")
     if args.refiner is None:
         return pipe, None
     return pipe, sdjax.StableDiffusionXL.from_pretrained(args.refiner, dtype)
@@ -194,7 +245,22 @@ def _settings(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     xl = hasattr(pipe, "default_sampler")
     sampler = args.sampler or (pipe.default_sampler if xl else "ddim")
     guidance = args.guidance if args.guidance is not None else (5.0 if xl else 7.5)
+    check_modes(args, sampler, guidance)
     return {"sampler": sampler, "guidance_scale": guidance}
+
+
+def check_modes(args: argparse.Namespace, sampler: str | None, guidance: float | None) -> None:
+    """ValueError for an option that this run's sampler or guidance would ignore (None: not known yet)."""
+    from sdjax.samplers import REGISTRY
+
+    eta_samplers = [name for name, record in REGISTRY.items() if record.noise == "eta"]  # whose step reads eta
+    if args.eta and sampler is not None and sampler not in eta_samplers:
+        raise ValueError(f"--eta applies to --sampler {' or '.join(eta_samplers)}; this run's sampler is {sampler}")
+    given = {"--negative-prompt": args.negative_prompt, "--negative-prompt-2": args.negative_prompt_2}
+    negatives = [flag for flag, value in given.items() if value]
+    if negatives and guidance is not None and guidance <= 1:
+        verb = "needs" if len(negatives) == 1 else "need"
+        raise ValueError(f"{' and '.join(negatives)} {verb} classifier-free guidance, --guidance > 1; it is {guidance}")
 
 
 def generate(args: argparse.Namespace, pipe: Any, refiner: Any, negative: Any, settings: dict) -> np.ndarray:
@@ -259,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         generate_s = time.perf_counter() - start
     except ValueError as e:  # sdjax's own errors are ValueErrors with a message that says what is accepted
         print(f"error: {e}", file=sys.stderr)
+        if args.created_out and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()
         return 2
 
     start = time.perf_counter()

@@ -50,8 +50,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax.train import loop
-from sdjax.train.monitor import NonFiniteLossError
+# Training's input pipeline is an extra (sampling needs none of it): say so in one line, before any work.
+TRAIN_EXTRAS = ("tensorflow", "tensorflow_datasets")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the model folder, checkpoints, logs and samples.")
@@ -206,6 +206,9 @@ def main(argv: list[str]) -> None:
     logging.info("process %d/%d, %d local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.local_devices())  # fmt: skip
 
+    from sdjax.train import loop
+    from sdjax.train.monitor import NonFiniteLossError
+
     # --- Train: sdjax's own errors (bad config, data, weights; divergence) end the run with one clear line;
     # anything else is a bug and keeps its traceback.
     try:
@@ -215,7 +218,6 @@ def main(argv: list[str]) -> None:
         if not (ours or distributed):
             raise
         if ours:
-            logging.error("%s: %s", type(e).__name__, e)
             print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr)
         elif _lost_peer(e):
             print(
@@ -233,18 +235,12 @@ def main(argv: list[str]) -> None:
 def _config_override_error(argv: list[str], error: Exception) -> str:
     """One line for a --config.<field> override that does not apply, with close matches among the fields."""
     import difflib
-    import importlib.util
 
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     fields: list[str] = []
     if spec:
-        path, _, arg = spec.partition(":")
         try:
-            module_spec = importlib.util.spec_from_file_location("_train_config", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-            config = module.get_config(arg or None)
-            fields = [k for k, _ in _flatten(config.to_dict())]
+            fields = [k for k, _ in _flatten(_load_config(spec).to_dict())]
         except Exception:  # noqa: BLE001 - the config file itself is broken: report the original error
             return f"train.py: cannot read config {spec}: {error}"
     for arg in argv:
@@ -257,6 +253,19 @@ def _config_override_error(argv: list[str], error: Exception) -> str:
     return f"train.py: bad --config value: {type(error).__name__}: {error}"
 
 
+def _load_config(spec: str):
+    """The ConfigDict of ``configs/x.py[:arg]``, without flag overrides."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_train_config", path)
+    if module_spec is None:
+        raise FileNotFoundError(f"no Python file {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for key, value in tree.items():
@@ -267,7 +276,41 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+
+
+def print_help(argv: list[str]) -> None:
+    """The module docstring, train.py's flags (--helpfull: every module's), and the config's fields."""
+    print(__doc__.strip() + "\n")
+    full = "--helpfull" in argv
+    print(flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help())
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        print("\nConfig fields: add --config=FILE (e.g. --config=configs/shapes64.py --help) to list every")
+        print("--config.<field> of that file with its value; each configs/*.py documents its fields.")
+        return
+    try:
+        config = _load_config(spec)
+    except Exception as e:  # noqa: BLE001 - help still helps when the config file is broken
+        print(f"\nConfig fields: cannot read {spec}: {type(e).__name__}: {e}")
+        return
+    print(f"\nConfig fields of {spec} (override with --config.<field>=<value>):")
+    for name, value in _flatten(config.to_dict()):
+        print(f"  --config.{name}={value!r}")
+
+
+def _missing_extras() -> list[str]:
+    import importlib.util
+
+    return [name for name in TRAIN_EXTRAS if importlib.util.find_spec(name) is None]
+
+
 if __name__ == "__main__":
+    if any(a in HELP_FLAGS for a in sys.argv[1:]):
+        print_help(sys.argv[1:])
+        sys.exit(0)
+    if missing := _missing_extras():
+        sys.exit(f"train.py: training needs {', '.join(missing)} (not installed): pip install -e '.[train]'")
     try:  # parse up front: a bad --config.<field> is one line, not absl's traceback
         remaining = flags.FLAGS(sys.argv)
         _CONFIG.value.keys()  # loading the config applies the overrides; a load error surfaces on first use

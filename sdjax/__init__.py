@@ -8,6 +8,8 @@ any_pipe = sdjax.from_pretrained("path/to/any")  # StableDiffusion or StableDiff
 controlnet = sdjax.ControlNet.from_pretrained("path/to/controlnet")  # diffusers folder or .safetensors
 """
 
+import importlib
+import pkgutil
 from typing import Any
 
 __all__ = [
@@ -45,7 +47,25 @@ def __getattr__(name: str) -> Any:
         from sdjax.samplers import SAMPLERS
 
         return SAMPLERS
-    raise AttributeError(f"module 'sdjax' has no attribute {name!r}")
+    return _submodule(__name__, __path__, name)
+
+
+def _submodule(package: str, path: list[str], name: str) -> Any:
+    """``package.name`` imported on first use when ``name`` is one of its submodules: a package's module-level
+    ``__getattr__``, so that a bare ``import sdjax`` (which imports neither JAX nor TensorFlow) reaches
+    ``sdjax.tokenizer``, ``sdjax.weights``, ``sdjax.shapes64.judge`` and the like."""
+    if name in submodules(path):
+        return importlib.import_module(f"{package}.{name}")
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+
+def submodules(path: list[str]) -> list[str]:
+    """The names of the modules and packages in a package's ``__path__``."""
+    return [module.name for module in pkgutil.iter_modules(path)]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *submodules(__path__)})
 
 
 def from_pretrained(path: Any, dtype: Any = None, variant: str | None = None, **kwargs: Any) -> Any:

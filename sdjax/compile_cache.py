@@ -170,5 +170,8 @@ def compile_traced(key: str, jitted: Any, args: tuple) -> Any:
         compiled = jax.jit(exported.call).lower(*args).compile()
     except Exception:  # noqa: BLE001 - e.g. a custom call export does not allow: compile without the trace cache
         return jitted.lower(*args).compile()
-    _write_atomically(entry, bytes(exported.serialize()))
+    try:
+        _write_atomically(entry, bytes(exported.serialize()))
+    except ImportError:  # jax.export's serialization needs flatbuffers: without it, only the trace is not kept
+        pass
     return compiled

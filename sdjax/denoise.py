@@ -20,10 +20,12 @@ ControlNet residuals are computed from their own input inside :func:`guided_mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax import latents, samplers
 
@@ -133,25 +135,44 @@ def start_latents(spec: DenoiseSpec, params: Any, inputs: dict) -> jax.Array:
     return samplers.noised_latents(spec.plan, x0, inputs["noise"]) if spec.add_noise else x0
 
 
-def denoise(
-    spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, progress: Any = None, hooks: tuple = ()
-) -> jax.Array:
+def denoise(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, hooks: tuple = ()) -> jax.Array:
     """The whole run: start latents, ``spec.plan`` as one ``lax.scan`` over the guided model, VAE decode.
 
     params: {"unet": ..., "vae": ...}; scalars: {"guidance", "eta"} float32 scalars; inputs: as the module
-    docstring. progress: optional host callback per evaluation; hooks: the tasks' sampling hooks
-    (:class:`sdjax.samplers.Hooks`, built from ``inputs`` arrays inside the trace). Returns float32 images
-    (B, H, W, 3) in [0, 1], or, when ``spec.decode`` is False, the final float32 latents (B, h, w, C).
+    docstring; hooks: the tasks' sampling hooks (:class:`sdjax.samplers.Hooks`, built from ``inputs`` arrays inside
+    the trace). Returns float32 images (B, H, W, 3) in [0, 1], or, when ``spec.decode`` is False, the final float32
+    latents (B, h, w, C). :class:`SteppedDenoise` runs the same three parts as separate programs.
     """
     global TRACE_COUNT
     TRACE_COUNT += 1  # Python side effect: runs once per trace, never at run time (tested)
-    if spec.upcast_params:  # once per run: inside the scan it would convert every parameter at every step
-        params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    params = compute_params(spec, params)
+    carry = start(spec, params, scalars, inputs)
+    return finish(spec, params, steps(spec, params, scalars, inputs, carry, samplers.plan_rows(spec.plan), hooks))
+
+
+def compute_params(spec: DenoiseSpec, params: Any) -> Any:
+    """The params the networks run with: cast to float32 once per run with ``spec.upcast_params`` (inside the
+    scan it would convert every parameter at every step)."""
+    return jax.tree.map(lambda a: a.astype(jnp.float32), params) if spec.upcast_params else params
+
+
+def start(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict) -> tuple:
+    """The sampler loop's carry before its first evaluation: (start latents, sampler state)."""
+    return samplers.initial_carry(spec.plan, start_latents(spec, params, inputs))
+
+
+def steps(
+    spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, carry: tuple, rows: Any, hooks: tuple = ()
+) -> tuple:
+    """The sampler evaluations ``rows`` (:func:`sdjax.samplers.plan_rows` or a slice) on the guided model."""
     model_fn = guided_model(spec, params, inputs, scalars)
-    x = start_latents(spec, params, inputs)
     keys = _tagged(jax.random.wrap_key_data(inputs["keys"]), SAMPLER)
-    x0 = samplers.sample(spec.plan, model_fn, x, keys, eta=scalars["eta"], hooks=hooks, progress=progress)
-    return latents.decode(spec.vae, params["vae"], x0) if spec.decode else x0
+    return samplers.sample_steps(spec.plan, model_fn, carry, rows, keys, eta=scalars["eta"], hooks=hooks)
+
+
+def finish(spec: DenoiseSpec, params: Any, carry: tuple) -> jax.Array:
+    """The final latents decoded to images (or returned as they are when ``spec.decode`` is False)."""
+    return latents.decode(spec.vae, params["vae"], carry[0]) if spec.decode else carry[0]
 
 
 def attention_scores_bytes(unet: Any, batch: int, latent_height: int, latent_width: int) -> int:
@@ -168,31 +189,62 @@ def attention_scores_bytes(unet: Any, batch: int, latent_height: int, latent_wid
     return max(sizes, default=0)
 
 
-def compiled_denoise(spec: DenoiseSpec, num_devices: int, progress: bool = False) -> Any:
+def compiled_denoise(spec: DenoiseSpec, num_devices: int) -> Any:
     """``denoise`` jitted on one device, or pmapped over ``num_devices`` (params replicated, scalars shared,
-    inputs with a leading device axis). With ``progress`` a tqdm bar follows the scan."""
-    bar = ProgressBar(spec.plan.num_evaluations) if progress else None
+    inputs with a leading device axis)."""
 
     def fn(params, scalars, inputs):
-        return denoise(spec, params, scalars, inputs, bar)
+        return denoise(spec, params, scalars, inputs)
 
-    return jax.pmap(fn, in_axes=(0, None, 0)) if num_devices > 1 else jax.jit(fn)
+    return _per_device(fn, num_devices, (0, None, 0))
 
 
-class ProgressBar:
-    """tqdm over the scan's evaluations, fed by a host callback (every device calls it; the bar shows the
-    furthest evaluation)."""
+def _per_device(fn: Any, num_devices: int, in_axes: tuple) -> Any:
+    return jax.pmap(fn, in_axes=in_axes) if num_devices > 1 else jax.jit(fn)
 
-    def __init__(self, total: int):
-        self.total, self.bar = total, None
 
-    def __call__(self, step: Any) -> None:
+class SteppedDenoise:
+    """``denoise`` as separately compiled programs (cast the params, start, one sampler evaluation, finish) that a
+    host loop runs with a progress bar over the evaluations. A program holding a host callback (the other way to
+    report progress) is never written to JAX's persistent compilation cache; these are, so ``--progress`` compiles
+    once per shape like a run without it. Each step runs the scan body of ``denoise`` on one row of the plan."""
+
+    def __init__(self, spec: DenoiseSpec, num_devices: int):
+        self.spec, self.num_devices = spec, num_devices
+        self.programs = {
+            "start": _per_device(functools.partial(start, spec), num_devices, (0, None, 0)),
+            "step": _per_device(functools.partial(steps, spec), num_devices, (0, None, 0, 0, None)),
+            "finish": _per_device(functools.partial(finish, spec), num_devices, (0, 0)),
+        }
+        if spec.upcast_params:
+            self.programs["upcast"] = _per_device(functools.partial(compute_params, spec), num_devices, (0,))
+
+    def compile(self, params: Any, scalars: dict, inputs: dict, compile_fn: Any) -> Any:
+        """Compiles every program with ``compile_fn(name, jitted, args)`` (argument shapes from ``jax.eval_shape``,
+        nothing runs) and returns ``run(params, scalars, inputs)``, which runs them like ``denoise``."""
+        compiled = {}
+        if "upcast" in self.programs:
+            compiled["upcast"] = compile_fn("upcast", self.programs["upcast"], (params,))
+            params = jax.eval_shape(self.programs["upcast"], params)
+        compiled["start"] = compile_fn("start", self.programs["start"], (params, scalars, inputs))
+        carry = jax.eval_shape(self.programs["start"], params, scalars, inputs)
+        row = jax.tree.map(lambda r: r[:1], samplers.plan_rows(self.spec.plan))
+        compiled["step"] = compile_fn("step", self.programs["step"], (params, scalars, inputs, carry, row))
+        compiled["finish"] = compile_fn("finish", self.programs["finish"], (params, carry))
+        return functools.partial(self._run, compiled)
+
+    def _run(self, compiled: dict, params: Any, scalars: dict, inputs: dict) -> jax.Array:
         from tqdm.auto import tqdm
 
-        done = int(step) + 1
-        if self.bar is None or (done == 1 and self.bar.n >= self.total):
-            self.bar = tqdm(total=self.total, desc="sampling", leave=False)
-        if done > self.bar.n:
-            self.bar.update(done - self.bar.n)
-        if self.bar.n >= self.total:
-            self.bar.close()
+        if "upcast" in compiled:
+            params = compiled["upcast"](params)
+        carry = compiled["start"](params, scalars, inputs)
+        rows = jax.tree.map(np.asarray, samplers.plan_rows(self.spec.plan))
+        total = self.spec.plan.num_evaluations
+        with tqdm(total=total, desc="sampling", leave=False) as bar:
+            for i in range(total):
+                row = jax.tree.map(lambda values: values[i : i + 1], rows)  # noqa: B023 - used at once
+                carry = compiled["step"](params, scalars, inputs, carry, row)
+                jax.block_until_ready(carry)  # the bar follows finished evaluations, not queued ones
+                bar.update(1)
+        return compiled["finish"](params, carry)

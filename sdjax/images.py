@@ -75,6 +75,8 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as f:
             f.load()
             return f.copy()
+    except Image.DecompressionBombError as e:  # a small file that would decode to gigabytes
+        raise PipelineError(f"init image {path} is refused: {str(e).rstrip('.')}; resize it below that") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise PipelineError(f"init image {path} cannot be read as an image: {e}") from e
 

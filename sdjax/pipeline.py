@@ -25,7 +25,15 @@ from sdjax.errors import PipelineError
 from sdjax.images import load_image, read_image
 from sdjax.loading import folders, lora, textual_inversion
 
-__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "PipelineError", "StableDiffusion", "check_generate_args", "read_image"]
+__all__ = [
+    "MAX_IMAGE_SIDE",
+    "MAX_SEED",
+    "PipelineError",
+    "StableDiffusion",
+    "check_generate_args",
+    "check_text",
+    "read_image",
+]
 
 OUTPUTS = ("image", "latent")  # what generate() returns: decoded images, or the final diffusion latents
 # Weight dtypes save_pretrained writes (safetensors' numpy API has no bfloat16).
@@ -174,6 +182,7 @@ class DiffusionPipeline:
         _check_unet_input(self.unet.config, self.vae.config.latent_channels)
         check_generate_args(guidance_scale, eta, strength, seed, 1)
         _finite_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        _check_steps(num_inference_steps, self.schedule.num_train_timesteps)
         if use_karras_sigmas is not None and not isinstance(use_karras_sigmas, bool):
             raise PipelineError(f"use_karras_sigmas must be True, False or None, got {use_karras_sigmas!r}")
         if output not in OUTPUTS:
@@ -276,8 +285,8 @@ class DiffusionPipeline:
 
     def _compile(self, spec: denoise.DenoiseSpec, devices: list, progress: bool, args: tuple) -> tuple[Any, float]:
         """The compiled denoise program for (spec, argument shapes, devices), compiled once per pipeline; returns
-        it and the compile seconds (0 when compiled before). Single-device programs without a progress bar go
-        through the on-disk trace cache (:mod:`sdjax.compile_cache`); pmap and host callbacks cannot."""
+        it and the compile seconds (0 when compiled before). Single-device programs go through the on-disk trace
+        cache (:mod:`sdjax.compile_cache`); pmap cannot. With ``progress``, :class:`sdjax.denoise.SteppedDenoise`."""
         from sdjax import compile_cache
 
         shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
@@ -286,11 +295,16 @@ class DiffusionPipeline:
             return self._compiled[key], 0.0
         start = time.perf_counter()
         platform.release_free_memory()  # earlier compiles' (the text encoder's) freed heap, before this one's peak
-        fn = denoise.compiled_denoise(spec, len(devices), progress)
-        if progress or len(devices) > 1:
-            self._compiled[key] = fn.lower(*args).compile()
+
+        def compile_fn(name: str, fn: Any, fn_args: tuple) -> Any:
+            if len(devices) > 1:
+                return fn.lower(*fn_args).compile()
+            return compile_cache.compile_traced(f"{spec!r} {name}", fn, fn_args)
+
+        if progress:  # a host loop over the steps, each program cached on disk like the one-program run
+            self._compiled[key] = denoise.SteppedDenoise(spec, len(devices)).compile(*args, compile_fn)
         else:
-            self._compiled[key] = compile_cache.compile_traced(repr(spec), fn, args)
+            self._compiled[key] = compile_fn("denoise", denoise.compiled_denoise(spec, len(devices)), args)
         platform.release_free_memory()  # the compiler's freed heap: 0.3-0.4 GiB of a sample's peak on the CPU
         return self._compiled[key], time.perf_counter() - start
 
@@ -593,39 +607,74 @@ def _check_unet_input(unet_config: Any, latent_channels: int) -> None:
         )
 
 
-def _finite_number(name: str, value: Any, low: float, high: float = float("inf")) -> None:
+def _finite_number(name: str, value: Any, low: float, high: float = float("inf"), low_open: bool = False) -> None:
+    """PipelineError unless ``value`` is a finite number in [low, high] ((low, high] with ``low_open``). Every range
+    is worded the same way: ">= 0" when there is no upper bound, else an interval such as "(0, 1]"."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise PipelineError(f"{name} must be a number, got {value!r}")
-    if not (np.isfinite(value) and low <= value <= high):
-        bounds = f"[{low}, {high}]" if np.isfinite(high) else f"[{low}, inf)"
-        raise PipelineError(f"{name} must be a finite number in {bounds}, got {value!r}")
+    if not (np.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+        raise PipelineError(f"{name} must be a finite number {_range_text(low, high, low_open)}, got {value!r}")
 
 
-def check_generate_args(guidance_scale: Any, eta: Any, strength: Any, seed: Any, num_images: Any) -> None:
-    """PipelineError (one line) for a bad generate() argument; sample.py runs it before loading the model."""
-    _finite_number("guidance_scale", guidance_scale, 0.0)
-    _finite_number("eta", eta, 0.0)
-    _finite_number("strength", strength, 0.0, 1.0)
+def _range_text(low: float, high: float, low_open: bool = False) -> str:
+    if not np.isfinite(high):
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+
+def check_generate_args(
+    guidance_scale: Any, eta: Any, strength: Any, seed: Any, num_images: Any, names: dict[str, str] | None = None
+) -> None:
+    """PipelineError (one line) for a bad generate() argument; sample.py runs it before loading the model, with
+    ``names`` mapping an argument to the flag that sets it (``{"strength": "--strength"}``)."""
+    names = {} if names is None else names
+    _finite_number(names.get("guidance_scale", "guidance_scale"), guidance_scale, 0.0)
+    _finite_number(names.get("eta", "eta"), eta, 0.0)
+    _finite_number(names.get("strength", "strength"), strength, 0.0, 1.0, low_open=True)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise PipelineError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+        raise PipelineError(f"{names.get('seed', 'seed')} must be an int in [0, 2**63 - 1], got {seed!r}")
     if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-        raise PipelineError(f"num_images_per_prompt must be an int >= 1, got {num_images!r}")
+        name = names.get("num_images_per_prompt", "num_images_per_prompt")
+        raise PipelineError(f"{name} must be an int >= 1, got {num_images!r}")
+
+
+def _check_steps(num_inference_steps: Any, max_steps: int) -> None:
+    steps = num_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= max_steps:
+        raise PipelineError(
+            f"num_inference_steps must be an int in [1, {max_steps}] (the schedule's num_train_timesteps), "
+            f"got {steps!r}"
+        )
 
 
 def _prompt_list(name: str, prompts: Any) -> list[str]:
-    """A string or a non-empty list of strings -> list; PipelineError otherwise."""
+    """A string or a non-empty list of strings (valid Unicode text) -> list; PipelineError otherwise."""
     if isinstance(prompts, str):
-        return [prompts]
+        prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise PipelineError(f"{name} must be a string or a non-empty list of strings, got {prompts!r:.80}")
+    for prompt in prompts:
+        check_text(name, prompt)
     return list(prompts)
+
+
+def check_text(name: str, text: str) -> None:
+    """PipelineError when ``text`` holds a lone surrogate (a string that is not Unicode text, e.g. made from
+    bytes that were not UTF-8, as Python decodes a command line), which no tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PipelineError(
+            f"{name} is not valid text: {text[e.start]!r} at character {e.start} is a lone surrogate (bytes that "
+            "were not UTF-8?); pass UTF-8 text"
+        ) from None
 
 
 def _negative_prompts(negative_prompts: str | list[str] | None, n: int) -> list[str]:
     if negative_prompts is None:
         return [""] * n
     if isinstance(negative_prompts, str):
-        return [negative_prompts] * n
+        return _prompt_list("negative_prompts", negative_prompts) * n
     negative_prompts = _prompt_list("negative_prompts", negative_prompts)
     if len(negative_prompts) != n:
         raise PipelineError(f"got {len(negative_prompts)} negative prompts for {n} prompts; pass one per prompt")

@@ -12,14 +12,29 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterable
 from importlib import resources
 
 import numpy as np
-import transformers
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found. Models won't be available..." advice: sdjax uses
+    only its tokenizers, so without PyTorch nothing is missing (its other messages pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+_QUIET = _NoTorchNotice()
+logging.getLogger("transformers").addFilter(_QUIET)  # only around transformers' first import, which logs it
+import transformers  # noqa: E402
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+
+logging.getLogger("transformers").removeFilter(_QUIET)
 
 MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"

@@ -20,10 +20,12 @@ from sdjax.pipeline import PipelineError
 GENERATE_CASES = [
     (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
-    (dict(guidance_scale=-2.0), "guidance_scale must be a finite number in \\[0.0"),
+    (dict(guidance_scale=-2.0), "guidance_scale must be a finite number >= 0, got -2.0"),
     (dict(eta=float("nan")), "eta must be a finite number"),
     (dict(eta=-0.5), "eta must be a finite number"),
     (dict(strength=float("nan"), init_image=np.zeros((16, 16, 3), np.uint8)), "strength must be a finite number"),
+    (dict(strength=1.5, init_image=np.zeros((16, 16, 3), np.uint8)), "strength must be a finite number in \\(0, 1\\]"),
+    (dict(strength=0.0, init_image=np.zeros((16, 16, 3), np.uint8)), "strength must be a finite number in \\(0, 1\\]"),
     (dict(height=0), "height and width must be multiples of"),
     (dict(height=100000, width=100000), "height and width must be multiples of .* in \\[2, 4096\\]"),
     (dict(height=17), "height and width must be multiples of 2"),
@@ -36,7 +38,9 @@ GENERATE_CASES = [
     (dict(sampler="euler", use_karras_sigmas="yes"), "use_karras_sigmas must be True, False or None"),
     (dict(num_images_per_prompt=10**9), "1000000000 images of 16x16 need more than the host's .* GiB"),
     (dict(sampler="plms"), "unknown sampler 'plms'"),
-    (dict(num_inference_steps=0), "num_steps must be an int in \\[1, 1000\\]"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an int in \\[1, 1000\\]"),
+    (dict(num_inference_steps="20"), "num_inference_steps must be an int in \\[1, 1000\\] .*got '20'"),
+    (dict(negative_prompts="bad \ud800 text"), "negative_prompts is not valid text: '\\\\ud800' at character 4"),
     (dict(latents=np.full((1, 8, 8, 4), np.nan, np.float32)), "latents contain NaN or inf"),
     (dict(init_image=np.full((16, 16, 3), 200.0, np.float32)), "float init image must be finite and in \\[0, 1\\]"),
     (dict(init_image=np.zeros((16, 16, 3), np.uint16)), "uint8 or float in \\[0, 1\\]"),
@@ -113,7 +117,7 @@ def test_out_of_memory_at_run_time_is_one_line(tiny_pipe, monkeypatch):
     monkeypatch.setattr(pipeline.denoise, "compiled_denoise", lambda *args, **kwargs: Exhausted())
     fresh = dataclasses.replace(tiny_pipe, _compiled={}, _replicated={})
     with pytest.raises(PipelineError, match="out of memory on cpu generating 1 image"):
-        fresh.generate(["a"], num_inference_steps=2, progress=True)
+        fresh.generate(["a"], num_inference_steps=2)
 
 
 def test_non_finite_weights_are_named_on_load(tiny_model, tmp_path):
@@ -174,14 +178,21 @@ def test_transparent_pixels_read_as_white(tmp_path):
 # ------------------------------------------------------------------------------------------- sample.py
 
 SAMPLE_CASES = [
-    (["--guidance", "inf"], "guidance_scale must be a finite number"),
-    (["--eta", "nan"], "eta must be a finite number"),
+    (["--guidance", "inf"], "--guidance must be a finite number >= 0, got inf"),
+    (["--eta", "nan"], "--eta must be a finite number >= 0"),
     (["--height", "0"], "--height must be in"),
     (["--height", "100000", "--width", "100000"], "--height must be in"),
-    (["--num-images", "0"], "num_images_per_prompt must be an int >= 1"),
+    (["--num-images", "0"], "--num-images must be an int >= 1"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--seed", "-3"], "seed must be an int"),
-    (["--strength", "1.5", "--init-image", "x.png"], "strength must be a finite number"),
+    (["--seed", "-3"], "--seed must be an int"),
+    (["--strength", "1.5", "--init-image", "x.png"], "--strength must be a finite number in (0, 1], got 1.5"),
+    (["--strength", "0", "--init-image", "x.png"], "--strength must be a finite number in (0, 1], got 0.0"),
+    # Options that would do nothing in this mode name the mode they need.
+    (["--strength", "0.6"], "--strength applies to image-to-image: pass --init-image FILE too"),
+    (["--high-noise-frac", "0.7"], "--high-noise-frac applies to the SDXL base -> refiner hand-off"),
+    (["--eta", "0.5", "--sampler", "euler"], "--eta applies to --sampler ddim or tcd; this run's sampler is euler"),
+    (["--negative-prompt", "blurry", "--guidance", "1"], "--negative-prompt needs classifier-free guidance"),
+    (["--prompt", "bad \udcff bytes"], "--prompt is not valid text: '\\udcff' at character 4"),
 ]
 
 
@@ -203,6 +214,54 @@ def test_sample_cli_rejects_an_unreadable_init_image_and_a_file_as_out(tiny_mode
     assert sample.main([*args, "--out", str(tmp_path / "file")]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    """A 20000x20000 PNG (400 megapixels, 48 KB on disk): PIL refuses it as a decompression bomb."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path, optimize=True)
+    return path
+
+
+def test_a_decompression_bomb_is_one_line_in_the_library(tiny_pipe, bomb):
+    with pytest.raises(PipelineError, match="init image .*bomb.png is refused: Image size \\(400000000 pixels\\)") as e:
+        tiny_pipe.generate(["a red circle"], num_inference_steps=2, init_image=bomb)
+    assert "\n" not in str(e.value)
+
+
+def test_a_decompression_bomb_is_one_line_in_the_cli(tiny_model, bomb, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model), "--prompt", "x", "--init-image", str(bomb), "--out", str(out)]
+    assert sample.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: init image") and "exceeds limit" in err and "\n" not in err
+    assert not out.exists() and bomb.stat().st_size < 100_000
+
+
+@pytest.mark.parametrize("prompts", ["\ud800", ["fine", "a \udcff b"]], ids=["str", "list"])
+def test_prompts_with_lone_surrogates_are_one_line(tiny_pipe, prompts):
+    with pytest.raises(PipelineError, match="prompts is not valid text: .* is a lone surrogate .*pass UTF-8 text"):
+        tiny_pipe.generate(prompts, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("option", [dict(tokenizer_path="tok"), dict(prediction_type="v_prediction")], ids=str)
+def test_single_file_options_on_a_folder_are_refused(tiny_model, option):
+    name = next(iter(option))
+    with pytest.raises(PipelineError, match=f"{name} applies to SD 1.x / 2.x single-file checkpoints; .* a folder"):
+        sdjax.StableDiffusion.from_pretrained(tiny_model, **option)
+
+
+def test_options_the_mode_ignores_are_refused_after_loading_and_leave_nothing(tiny_model, tmp_path, capsys):
+    # The shapes of these runs are only known once the model is: its sampler (ddim) and guidance (7.5).
+    out = tmp_path / "out"
+    base = ["--model", str(tiny_model), "--prompt", "x", "--steps", "2", "--out", str(out)]
+    assert sample.main([*base, "--tokenizer", str(tmp_path)]) == 2
+    assert "--tokenizer applies to single-file .safetensors checkpoints" in capsys.readouterr().err
+    assert sample.main([*base, "--prompt-2", "y"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--prompt-2 applies to SDXL models" in err and "\n" not in err
+    assert not out.exists()  # the folder this run created for its images is removed again
 
 
 def test_sample_cli_refuses_a_read_only_out_folder(tiny_model, tmp_path, capsys):

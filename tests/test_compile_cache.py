@@ -26,7 +26,9 @@ def listener(event, **kwargs):
 jax.monitoring.register_event_listener(listener)
 folder = sdjax.enable_compile_cache()
 pipe = sdjax.StableDiffusion.from_pretrained(sys.argv[1])
-images = pipe.generate(["a red circle"], num_inference_steps=3, height=int(sys.argv[2]), width=int(sys.argv[2]))
+progress = sys.argv[3:] == ["progress"]
+size = int(sys.argv[2])
+images = pipe.generate(["a red circle"], num_inference_steps=3, height=size, width=size, progress=progress)
 assert images.shape[1] == int(sys.argv[2])
 import hashlib
 digest = hashlib.sha256(images.tobytes()).hexdigest()
@@ -34,12 +36,11 @@ print(json.dumps({**counts, "folder": str(folder), "compile_s": pipe.last_timing
 """
 
 
-def _run(model, cache, size=16, **env):
+def _run(model, cache, size=16, progress=False, **env):
     inherited = {k: v for k, v in os.environ.items() if k != "SDJAX_NO_COMPILE_CACHE"}  # conftest turns it off
     env = {**inherited, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu", **env}
-    out = subprocess.run(
-        [sys.executable, "-c", SNIPPET, str(model), str(size)], env=env, cwd=ROOT, capture_output=True, text=True
-    )
+    argv = [sys.executable, "-c", SNIPPET, str(model), str(size), *(["progress"] if progress else [])]
+    out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -83,3 +84,11 @@ def test_cache_can_be_turned_off(tiny_model, tmp_path):
     result = _run(tiny_model, tmp_path / "cache", SDJAX_NO_COMPILE_CACHE="1")
     assert result["folder"] == "None" and result["hits"] == 0
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_progress_bar_run_is_read_from_the_cache_too(tiny_model, cache):
+    # --progress steps through separately compiled programs (no host callback, which JAX never caches).
+    first = _run(tiny_model, cache, progress=True)
+    second = _run(tiny_model, cache, progress=True)
+    assert first["hits"] < first["requests"] and second["requests"] > 0 and second["hits"] == second["requests"]
+    assert second["images"] == first["images"] == _run(tiny_model, cache)["images"]  # the same images as without

@@ -75,4 +75,4 @@ def test_sdxl_base_and_refiner_hand_off(tiny_sdxl, tiny_sdxl_refiner, tmp_path, 
 def test_sdxl_flags_on_an_sd_model_are_one_line(tiny_model, tiny_sdxl_refiner, tmp_path, capsys):
     assert run(tiny_model, tmp_path, "--prompt", "x", "--refiner", str(tiny_sdxl_refiner[1])) == 2
     err = capsys.readouterr().err.strip()
-    assert "--refiner apply to SDXL models" in err and "\n" not in err
+    assert "--refiner applies to SDXL models" in err and "\n" not in err

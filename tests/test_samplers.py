@@ -308,12 +308,17 @@ def test_per_example_keys_make_each_example_independent_of_its_batch():
     assert np.abs(a[1] - b[1]).max() > 1e-2
 
 
-def test_progress_is_called_once_per_model_evaluation():
-    plan = samplers.make_plan(ScheduleConfig(), "heun", 5)
-    calls = []
-    samplers.sample(plan, toy_jax, jnp.ones(SHAPE), jax.random.key(0), progress=calls.append).block_until_ready()
-    jax.effects_barrier()
-    assert sorted(calls) == list(range(plan.num_evaluations)) and plan.num_evaluations == 9
+@pytest.mark.parametrize("name", ["heun", "dpmpp_2m", "pndm", "euler_ancestral", "unipc", "dpmpp_sde", "lcm"])
+def test_one_row_at_a_time_is_the_whole_scan(name):
+    # What a progress bar runs (sdjax.denoise.SteppedDenoise): the loop one evaluation at a time, state carried.
+    plan = samplers.make_plan(ScheduleConfig(), name, 5)
+    x, rng = jnp.ones(SHAPE), jax.random.key(0)
+    whole = samplers.sample(plan, toy_jax, x, rng)
+    rows, carry = samplers.plan_rows(plan), samplers.initial_carry(plan, x)
+    step = jax.jit(lambda carry, row: samplers.sample_steps(plan, toy_jax, carry, row, rng))
+    for i in range(plan.num_evaluations):
+        carry = step(carry, jax.tree.map(lambda r: r[i : i + 1], rows))  # noqa: B023 - used at once
+    np.testing.assert_allclose(carry[0], whole, rtol=0, atol=1e-6)
 
 
 def test_sampler_state_stays_float32_with_a_bfloat16_model():

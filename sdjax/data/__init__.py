@@ -5,7 +5,13 @@ TensorFlow is only a data loader here: accelerators are hidden from it before an
 it never reserves GPU/TPU memory that JAX needs.
 """
 
-import tensorflow as tf
+try:
+    import tensorflow as tf
+except ModuleNotFoundError as e:  # sampling needs no TensorFlow, so it is an extra
+    raise ModuleNotFoundError(
+        f"sdjax's training data pipeline needs TensorFlow ({e.name} is not installed): pip install -e '.[train]'",
+        name=e.name,
+    ) from None
 
 for _device_type in ("GPU", "TPU"):
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sdjax import schedule, tokenizer, weights
+from sdjax import _submodule, schedule, tokenizer, weights
 from sdjax.errors import PipelineError
 from sdjax.loading import folders
 
@@ -61,6 +61,7 @@ def load(
         )
     if path.is_file():
         return _from_file(path, dtype, family, tokenizer_path, prediction_type, config)
+    _single_file_only(path, tokenizer_path, prediction_type, "a folder, which has its own tokenizer and scheduler")
     if config is not None:
         raise PipelineError(f"config={config} is read for single-file SDXL checkpoints only; {path} is a folder")
     from sdjax import checkpoint  # imports orbax: only needed for workdirs
@@ -122,10 +123,18 @@ def _from_file(
             f"sdjax.{layout.pipeline}.from_pretrained or sdjax.from_pretrained"
         )
     if found == "sdxl":
+        _single_file_only(path, tokenizer_path, prediction_type, "an SDXL file (config= gives it a folder's)")
         return single_file_xl.load(path, dtype, config)
     if config is not None:
         raise PipelineError(f"config= is read for SDXL single files; {path} is SD 1.x/2.x (it takes tokenizer_path)")
     return _from_single_file(path, dtype, tokenizer_path, prediction_type)
+
+
+def _single_file_only(path: Path, tokenizer_path: Any, prediction_type: str | None, what: str) -> None:
+    """PipelineError for the SD 1.x / 2.x single-file options on a model they would not act on."""
+    for name, value in (("tokenizer_path", tokenizer_path), ("prediction_type", prediction_type)):
+        if value is not None:
+            raise PipelineError(f"{name} applies to SD 1.x / 2.x single-file checkpoints; {path} is {what}")
 
 
 def _from_single_file(path: Path, dtype: Any, tokenizer_path: Any, prediction_type: str | None) -> Components:
@@ -177,3 +186,8 @@ def network_dtypes(path: Path, layout: folders.Layout, dtype: Any) -> dict[str, 
         return {}
     _, vae_config = weights.read_component_config(path / "vae")
     return {"vae": jnp.float32} if vae_config.get("force_upcast", True) else {}
+
+
+def __getattr__(name: str) -> Any:
+    # Submodules on first use, after a bare `import sdjax` too.
+    return _submodule(__name__, __path__, name)

@@ -29,8 +29,9 @@ Each sampler is one file named after it (its plan, scan state and step, its math
 """
 
 from sdjax.samplers.hooks import Hooks
-from sdjax.samplers.loop import ModelFn, initial_latents, noised_latents, sample
+from sdjax.samplers.loop import ModelFn, initial_carry, initial_latents, noised_latents, sample, sample_steps
 from sdjax.samplers.plan import Row, SamplerPlan
+from sdjax.samplers.plan import rows as plan_rows
 from sdjax.samplers.planning import make_plan
 from sdjax.samplers.record import Sampler
 from sdjax.samplers.registry import KARRAS_SAMPLERS, REGISTRY, SAMPLERS, sampler_for_class
@@ -46,11 +47,14 @@ __all__ = [
     "Sampler",
     "SamplerPlan",
     "ancestral_step",
+    "initial_carry",
     "initial_latents",
     "karras_sigmas",
     "make_plan",
     "noised_latents",
+    "plan_rows",
     "sample",
+    "sample_steps",
     "sampler_for_class",
     "to_d",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -136,6 +137,10 @@ class Row(NamedTuple):
     def noised_next(self, x0: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
         """``x0`` noised to the next evaluation's level (``x0`` itself after the last evaluation)."""
         return self.next_x0_scale * x0 + self.next_noise_scale * noise
+
+
+# A progress-bar run passes rows as program arguments; the on-disk compile cache (jax.export) must name their type.
+jax.export.register_namedtuple_serialization(Row, serialized_name="sdjax.samplers.Row")
 
 
 def rows(plan: SamplerPlan) -> Row:

@@ -8,7 +8,9 @@
 """
 
 from pathlib import Path
+from typing import Any
 
+from sdjax import _submodule
 from sdjax.shapes64.scene import (
     CAPTION_TEMPLATE,
     COLORS,
@@ -45,3 +47,8 @@ __all__ = [
     "render",
     "sample_scene",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Submodules on first use, after a bare `import sdjax` too.
+    return _submodule(__name__, __path__, name)
