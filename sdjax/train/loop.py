@@ -30,6 +30,7 @@ from sdjax import checkpoint, parallel, tokenizer
 from sdjax.train import checks, families, monitor, steps
 from sdjax.train import model as model_lib
 from sdjax.train import state as state_lib
+from sdjax.train import workdir as workdir_lib
 from sdjax.train.stage import Stage, close_batches, get_stage
 
 Batches = Iterator[dict[str, np.ndarray]]
@@ -141,23 +142,12 @@ def train_and_evaluate(
     """
     workdir = Path(workdir).absolute()
     checks.check_config(config, batches_fn is None)
-    checks.check_same_model(config, workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise checks.TrainConfigError(f"workdir {workdir} is a file; pass a folder (new or a run's workdir)")
-    created = not workdir.exists()
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise checks.TrainConfigError(f"cannot create workdir {workdir}: {e.strerror}") from e
-    try:
+    # The lock comes before anything is read or written: a second run on the workdir is refused, and a failed
+    # start removes only what this run created.
+    with workdir_lib.owned(workdir, owner=jax.process_index() == 0):
+        checks.check_same_model(config, workdir)
         state = _train(config, workdir, batches_fn, eval_batches_fn)
         return parallel.to_host(state) if host_state else None
-    except BaseException:
-        # A run that failed before its first checkpoint leaves no workdir behind (nothing of the user's is in it).
-        checkpoints = workdir / checkpoint.CHECKPOINTS_DIR
-        if created and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
 
 
 def prepare_model_folder(stage: Stage, config: ml_collections.ConfigDict, folder: Path, batches_fn: Any) -> None:
