@@ -203,10 +203,7 @@ def _model(config: ml_collections.ConfigDict, workdir: Path, stage: Stage, batch
         if jax.process_index() == 0 and batches_fn is None:
             prepare_data(config)
         multihost_utils.sync_global_devices("model folder written, data prepared")
-    model = model_lib.load_model(config, model_dir)
-    if jax.process_index() == 0:
-        (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    return model
+    return model_lib.load_model(config, model_dir)
 
 
 def _train(
@@ -221,6 +218,8 @@ def _train(
     mesh = parallel.mesh_from_config(config)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     state, start, rng = model_lib.initial_state(config, model, ckpts, mesh)
+    if jax.process_index() == 0:  # recorded once the state is there: a run that cannot start changes nothing
+        (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     if start >= config.steps:
         ckpts.close()
         logging.warning("%s already holds step %d of %d: nothing to train", workdir, start, config.steps)
