@@ -40,6 +40,7 @@ import socket
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import NoReturn
 
 # Quiet third-party start-up chatter: TensorFlow's C++ INFO lines, transformers' "PyTorch was not found".
@@ -229,12 +230,14 @@ def main(argv: list[str]) -> None:
 
     from sdjax.train import loop
     from sdjax.train.monitor import NonFiniteLossError
-    from sdjax.train.workdir import DiskFullError
+    from sdjax.train.workdir import DiskFullError, closing_line
 
     # --- Train: sdjax's own errors (bad config, data, weights; divergence) end the run with one clear line;
     # anything else is a bug and keeps its traceback.
     try:
         loop.train_and_evaluate(config, _WORKDIR.value, host_state=False)
+        if jax.process_index() == 0:
+            print(closing_line(config, Path(_WORKDIR.value).absolute()), file=sys.stderr, flush=True)
     except Exception as e:
         ours = isinstance(e, (NonFiniteLossError, ValueError, DiskFullError)) and type(e).__module__.startswith("sdjax")
         if not (ours or distributed):

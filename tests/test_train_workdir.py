@@ -115,7 +115,8 @@ def test_a_failed_start_removes_only_what_it_created(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_two_runs_started_at_once_on_a_new_workdir_one_trains(tmp_path, data_dir, compilation_cache):
     workdir = tmp_path / "shared"
-    command = [sys.executable, *TINY, f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.steps=4"]
+    command = [sys.executable, *TINY, f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.steps=4",
+               "--config.checkpoint_every=2"]  # fmt: skip
     runs = [subprocess.Popen(command, cwd=REPO, env=cache_env(compilation_cache), stderr=subprocess.PIPE, text=True)
             for _ in range(2)]  # fmt: skip
     results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]

@@ -1,4 +1,5 @@
-"""The workdir a run owns: one run at a time (an advisory lock), and the clean-up of a run that failed to start.
+"""The workdir a run owns: one run at a time (an advisory lock), the clean-up of a run that failed to start, a
+full disk, and the line that says what the workdir holds when the run ends.
 
 A run takes ``DIR/train.lock`` (``fcntl.flock``, exclusive) before it writes anything in ``DIR``, writes its pid
 and host into it, and holds it until it ends. A second run on the same workdir is refused in one line naming the
@@ -17,11 +18,14 @@ import contextlib
 import errno
 import fcntl
 import os
+import shlex
 import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import ml_collections
 from absl import logging
 
 from sdjax import checkpoint
@@ -175,3 +179,26 @@ def _disk_full_message(path: Path, error: BaseException) -> str:
         f"no space left on the device of {where} (the run stopped; earlier checkpoints are intact): free space "
         f"there (df -h {path}), or lower --config.keep_checkpoints, then rerun the same command: {resume}"
     )
+
+
+def closing_line(config: ml_collections.ConfigDict, path: Path) -> str:
+    """train.py's last line: the step the workdir holds and the command that uses it (sample.py for a model,
+    stage 2 for a VAE), or how to continue a run that stopped early (preemption)."""
+    checkpoints = path / checkpoint.CHECKPOINTS_DIR
+    step = max((int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()), default=0)
+    if step < config.steps:
+        return f"train.py: stopped at step {step} of {config.steps} in {path}; rerun the same command to continue"
+    if config.stage == "vae":
+        return (
+            f"train.py: done, step {step}: the VAE is in {path}; stage 2 trains on it with "
+            f"--config.vae_path={shlex.quote(str(path))}"
+        )
+    captions = _captions(config.data.source)
+    command = ["python", "sample.py", "--model", str(path), "--prompt", captions[0] if captions else "a photo"]
+    return f"train.py: done, step {step}: the model is {path}; sample it: {shlex.join([*command, '--out', 'out'])}"
+
+
+def _captions(source: Any) -> list[str] | None:
+    from sdjax.data import sources  # the run read its data: TensorFlow is imported already
+
+    return sources.captions(source)
