@@ -148,27 +148,27 @@ class Logger:
 
             self.writer = SummaryWriter(str(workdir / "logs"))
         self.images_per_step, self.workdir = images_per_step, workdir
-        self.heartbeat = heartbeat
+        self.heartbeat, self.clock = heartbeat, time.perf_counter
         self.last_step, self.last_time, self.paused_time = start, None, 0.0
 
     def start_clock(self, step: int) -> None:
         """Throughput is measured from here (after ``step``, the compiling one, finished)."""
-        self.last_step, self.last_time, self.paused_time = step, time.perf_counter(), 0.0
+        self.last_step, self.last_time, self.paused_time = step, self.clock(), 0.0
 
     @contextlib.contextmanager
     def paused(self, what: str, state: Any) -> Iterator[None]:
         """A block that is not training (evaluation, preview): left out of the throughput, reported by the
         heartbeat when it runs long. ``state``: waited for first, so queued steps count as training."""
         jax.block_until_ready(state)
-        start = time.perf_counter()
+        start = self.clock()
         try:
             with self.heartbeat.phase(what):
                 yield
         finally:
-            self.paused_time += time.perf_counter() - start
+            self.paused_time += self.clock() - start
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         if self.last_time is not None and step > self.last_step:
             rate = (step - self.last_step) / max(now - self.last_time - self.paused_time, 1e-9)
             metrics = {**metrics, "steps_per_s": rate, "images_per_s": rate * self.images_per_step}
