@@ -28,8 +28,9 @@ same on every host. A process whose peer dies stops with one line within about -
 seconds; rerun every process to resume from the last checkpoint.
 
 Outputs in --workdir: model/ (diffusers-style configs, tokenizer, scheduler, frozen weights), checkpoints/,
-logs/ (TensorBoard), samples/<step>.png, train_config.json. Load the result with
-sdjax.StableDiffusion.from_pretrained(workdir).
+logs/ (TensorBoard), samples/<step>.png, train_config.json, train.lock (one run per workdir: a second is refused),
+unreadable_checkpoints/ (checkpoints that did not restore, moved aside). Load the result with
+sdjax.StableDiffusion.from_pretrained(workdir); the last line printed gives the sample.py command.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ A training workdir ``DIR`` holds::
                                and the weights of the frozen components: ``sdjax.loading.folders.write_model_folder``)
     DIR/checkpoints/<step>/    Orbax items: params, ema_params (when EMA is on), opt_state, meta (JSON: step, rng,
                                data_position)
+    DIR/unreadable_checkpoints/<step>/   checkpoints that failed to restore, moved aside by a resuming run
 
 ``params`` and ``ema_params`` map a component name ("vae", "unet", "text_encoder") to its parameter tree, so
 :func:`load_trained_params` reads them without knowing the optimizer. Arrays are saved as the global arrays they
