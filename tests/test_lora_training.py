@@ -110,7 +110,7 @@ def test_checkpoint_holds_only_the_lora_factors(lora_run, tiny_model):
     ckpts = checkpoint.Checkpoints(workdir)
     try:
         step = ckpts.latest_step()
-        restored = ckpts.manager.restore(step, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore()))
+        restored = ckpts.manager.restore(step, args=ocp.args.Composite(opt_state=ocp.args.PyTreeRestore()))
     finally:
         ckpts.close()
     opt_sizes = [np.size(x) for x in jax.tree.leaves(restored["opt_state"])]
