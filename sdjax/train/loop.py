@@ -121,8 +121,10 @@ def _training_batches(config: ml_collections.ConfigDict, model: Any, batches_fn:
 
 @functools.cache
 def _captionless_tokenizer() -> Any:
-    # make_dataset always tokenizes; stage 1 has no captions, so any CLIP tokenizer does (its ids are unused).
-    return tokenizer.build_tokenizer(["a"], tempfile.mkdtemp(prefix="sdjax_tokenizer_"))
+    # make_dataset always tokenizes; stage 1 has no captions, so any CLIP tokenizer does (its ids are unused). The
+    # tokenizer holds its vocabulary in memory once loaded: its files go with the temporary folder.
+    with tempfile.TemporaryDirectory(prefix="sdjax_tokenizer_") as folder:
+        return tokenizer.build_tokenizer(["a"], folder)
 
 
 def train_and_evaluate(
