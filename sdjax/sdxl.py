@@ -17,26 +17,19 @@ Base -> refiner ("ensemble of expert denoisers", as diffusers)::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import loading, samplers, schedule, tokenizer
+from sdjax import conditioning, generation, loading, samplers, schedule, tokenizer
+from sdjax.arguments import check_clip_skip, check_generate_args, negative_prompt_list, prompt_list, repeat
 from sdjax.errors import PipelineError
 from sdjax.loading import folders, textual_inversion
-from sdjax.pipeline import (
-    DiffusionPipeline,
-    _check_clip_skip,
-    _negative_prompts,
-    _prompt_list,
-    _repeat,
-    check_generate_args,
-)
+from sdjax.pipeline import DiffusionPipeline
 
 # The text encoders in prompt order, with their tokenizer folders.
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -70,6 +63,8 @@ class StableDiffusionXL(DiffusionPipeline):
     _compiled: dict[Any, Any] = field(default_factory=dict, repr=False)
     last_timings: dict[str, float] = field(default_factory=dict, repr=False)
     _lora: Any = field(default=None, repr=False)
+    family: ClassVar[str] = "sdxl"
+    default_guidance_scale: ClassVar[float] = 5.0
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -141,19 +136,16 @@ class StableDiffusionXL(DiffusionPipeline):
         feature axis, and the second encoder's projected pooled output. ``prompts_2`` (default: ``prompts``)
         go to the second encoder."""
         texts = {"text_encoder": list(prompts), "text_encoder_2": list(prompts_2 or prompts)}
-        hidden, pooled = [], None
+        encoders = []
         for name, tokenizer_name in ENCODERS:
             encoder = getattr(self, name)
             if encoder is None:
                 continue
-            layer = -2 if clip_skip is None else -(_check_clip_skip(clip_skip, encoder) + 2)
+            layer = -2 if clip_skip is None else -(check_clip_skip(clip_skip, encoder) + 2)
             tok = self.tokenizers[tokenizer_name]
             expanded = [textual_inversion.expand_prompt(tok, text) for text in texts[name]]
-            ids = jnp.asarray(tokenizer.tokenize(tok, expanded))
-            states, projected = hidden_and_pooled(encoder, self.params[name], ids, layer)
-            hidden.append(states)
-            pooled = projected if projected is not None else pooled
-        return jnp.concatenate(hidden, axis=-1), pooled
+            encoders.append((encoder, self.params[name], jnp.asarray(tokenizer.tokenize(tok, expanded)), layer))
+        return conditioning.sdxl_text(encoders)
 
     def time_ids(self, original_size: tuple, crops_coords_top_left: tuple, last: tuple) -> np.ndarray:
         """SDXL's micro-conditioning (6,) base / (5,) refiner float32: original (h, w), crop (top, left), then the
@@ -245,7 +237,14 @@ class StableDiffusionXL(DiffusionPipeline):
         negative_prompts_2: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         init_image: Any = None,
-        strength: float = 0.3,
+        strength: float | None = None,
+        mask_image: Any = None,
+        controlnet: Any = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
         use_karras_sigmas: bool | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
@@ -263,10 +262,12 @@ class StableDiffusionXL(DiffusionPipeline):
         scheduler_config: dict[str, Any] | None = None,
         progress: bool = False,
     ) -> np.ndarray:
-        """Text-to-image, image-to-image (``init_image``: an image, or latents) and the base -> refiner hand-off.
+        """Text-to-image, image-to-image (``init_image``: an image, or latents), inpainting (``mask_image``),
+        ControlNet guidance (``controlnet``, ``control_image``) and the base -> refiner hand-off.
 
         Arguments as :meth:`sdjax.StableDiffusion.generate`, with SDXL's defaults (guidance 5.0; the sampler of
-        the folder's scheduler class, "euler" for the published models; img2img strength 0.3), plus:
+        the folder's scheduler class, "euler" for the published models; strength 0.3 for img2img, 0.9999 for
+        inpainting, as diffusers' SDXL pipelines), plus:
           prompts_2, negative_prompts_2: prompts for the second text encoder (default: the first ones).
           original_size, crops_coords_top_left, target_size (and negative_*): micro-conditioning, (h, w) /
             (top, left) pixels; sizes default to (height, width).
@@ -278,13 +279,14 @@ class StableDiffusionXL(DiffusionPipeline):
           scheduler_config: scheduler config fields for this call, over the model's (SDXL-Lightning:
             ``{"timestep_spacing": "trailing"}`` with ``sampler="euler"``).
         """
-        prompts = _prompt_list("prompts", prompts)
+        prompts = prompt_list("prompts", prompts)
         n = len(prompts)
+        strength = (0.9999 if mask_image is not None else 0.3) if strength is None else strength
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
-        self._check_negative_prompts(negative_prompts, negative_prompts_2)
+        self._checknegative_prompt_list(negative_prompts, negative_prompts_2)
         prompts_2 = None if prompts_2 is None else _matched("prompts_2", prompts_2, n)
-        negatives = None if negative_prompts is None else _negative_prompts(negative_prompts, n)
-        negatives_2 = None if negative_prompts_2 is None else _negative_prompts(negative_prompts_2, n)
+        negatives = None if negative_prompts is None else negative_prompt_list(negative_prompts, n)
+        negatives_2 = None if negative_prompts_2 is None else negative_prompt_list(negative_prompts_2, n)
         if self.requires_aesthetics_score and init_image is None:
             raise PipelineError(
                 "this SDXL model (requires_aesthetics_score: a refiner) works on an image: pass init_image (an image, "
@@ -302,39 +304,24 @@ class StableDiffusionXL(DiffusionPipeline):
             "negative_aesthetic_score": negative_aesthetic_score,
         }
 
-        def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:  # after the batch-size checks
-            texts = [None if p is None else _repeat(p, num_images_per_prompt) for p in text_lists]
-            ids = self._added_time_ids((height, width), init_image is not None, micro)
-            return self.conditions(*texts, guided, ids, clip_skip)
+        def conditions(guided: bool, height: int, width: int, img2img: bool) -> dict[str, Any]:
+            texts = [None if p is None else repeat(p, num_images_per_prompt) for p in text_lists]
+            return self.conditions(*texts, guided, self._added_time_ids((height, width), img2img, micro), clip_skip)
 
-        return self._sample(
-            conditions,
-            n * num_images_per_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            sampler=self.default_sampler if sampler is None else sampler,
-            seed=seed,
-            height=height,
-            width=width,
-            latents=latents,
-            eta=eta,
-            init_image=init_image,
-            strength=strength,
-            use_karras_sigmas=use_karras_sigmas,
-            progress=progress,
-            guidance_rescale=guidance_rescale,
-            denoising_start=denoising_start,
-            denoising_end=denoising_end,
-            output=output,
-            scheduler_config=scheduler_config,
-        )
+        request = generation.Request(
+            num_inference_steps, guidance_scale, self.default_sampler if sampler is None else sampler, seed, height,
+            width, latents, eta, init_image, strength, mask_image, controlnet, control_image,
+            controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode,
+            use_karras_sigmas, guidance_rescale, denoising_start, denoising_end, output, scheduler_config, progress,
+        )  # fmt: skip
+        return generation.generate(self, conditions, n * num_images_per_prompt, request)
 
 
 def _matched(name: str, prompts: str | list[str], n: int) -> list[str]:
     """A second-encoder prompt list: one string for all, or exactly one per prompt."""
     if isinstance(prompts, str):
         return [prompts] * n
-    prompts = _prompt_list(name, prompts)
+    prompts = prompt_list(name, prompts)
     if len(prompts) != n:
         raise PipelineError(f"got {len(prompts)} {name} for {n} prompts; pass one per prompt (or one string)")
     return prompts
@@ -359,13 +346,3 @@ def _is_number(value: Any) -> bool:
 
 def _rows(time_ids: np.ndarray, n: int) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(time_ids), (n, time_ids.shape[0]))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def hidden_and_pooled(encoder: Any, params: Any, ids: jax.Array, layer: int) -> tuple[jax.Array, Any]:
-    """Token ids (B, 77) -> (hidden state ``layer`` (B, 77, D), projected pooled output (B, P) or None for an
-    encoder without projection)."""
-    out = encoder.apply({"params": params}, ids, output_hidden_states=True)
-    if len(out) == 3:  # CLIPTextModelWithProjection: (text_embeds, last_hidden_state, hidden_states)
-        return out[2][layer], out[0]
-    return out[1][layer], None
