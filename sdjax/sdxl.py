@@ -283,7 +283,7 @@ class StableDiffusionXL(DiffusionPipeline):
         n = len(prompts)
         strength = (0.9999 if mask_image is not None else 0.3) if strength is None else strength
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
-        self._checknegative_prompt_list(negative_prompts, negative_prompts_2)
+        self._check_negative_prompts(negative_prompts, negative_prompts_2)
         prompts_2 = None if prompts_2 is None else _matched("prompts_2", prompts_2, n)
         negatives = None if negative_prompts is None else negative_prompt_list(negative_prompts, n)
         negatives_2 = None if negative_prompts_2 is None else negative_prompt_list(negative_prompts_2, n)
