@@ -26,7 +26,33 @@ from sdjax.tasks import img2img, inpaint
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """The generate() arguments every family takes (see :meth:`sdjax.StableDiffusion.generate`)."""
+    """The generate() arguments every family takes (each family's defaults are in its ``generate``).
+
+    Args:
+      guidance_scale: classifier-free guidance weight; <= 1 runs the conditional branch only.
+      sampler: one of :data:`sdjax.samplers.SAMPLERS`.
+      seed: image i's noise depends only on (seed, i), whatever the number of devices.
+      latents: optional initial standard-normal noise (N, H/8, W/8, C), scaled by the sampler's initial sigma
+        (with ``strength`` < 1: the noise added to the init latents).
+      init_image: path, PIL image or array (H, W, 3) (uint8, or float in [0, 1]) for img2img, or diffusion
+        latents (N, H/8, W/8, C); ``strength`` in (0, 1] is the fraction of the schedule re-run on it (SD's
+        default 0.75; inpainting 1.0: start from noise).
+      mask_image: inpainting's mask (path, PIL image, array (H, W) uint8 / bool / float in [0, 1]) of the init
+        image's size; white (>= 0.5) is repainted (see :mod:`sdjax.tasks.inpaint`). Inpainting models (UNet
+        in_channels 9) require it; ordinary models blend the init image outside it after every step.
+      controlnet, control_image: a :class:`sdjax.ControlNet` and its control image (path, PIL, (H, W, 3) array
+        in [0, 1] or uint8), or lists of them (their residuals sum); controlnet_conditioning_scale,
+        control_guidance_start, control_guidance_end: one for all or one per ControlNet; guess_mode: the
+        ControlNets see the conditional branch only (see :mod:`sdjax.tasks.controlnet`).
+      use_karras_sigmas: Karras sigmas for the samplers with sigmas (None: the scheduler config's).
+      guidance_rescale: in [0, 1], rescales the guided prediction towards the conditional one's std (Lin et al.
+        2023, Sec. 3.4), as diffusers; 0 is off.
+      denoising_start, denoising_end: SDXL's base -> refiner hand-off (see :meth:`sdjax.StableDiffusionXL.generate`).
+      output: "image", or "latent" for the final diffusion latents (N, H/8, W/8, C) without decoding.
+      scheduler_config: diffusers scheduler config fields for this call, over the model's
+        (``{"timestep_spacing": "trailing"}`` for a Lightning / Hyper-SD model); see docs/samplers.md.
+      progress: a progress bar over the sampler's evaluations (separately compiled, cached programs).
+    """
 
     num_inference_steps: int = 50
     guidance_scale: float = 7.5

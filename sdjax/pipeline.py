@@ -223,34 +223,11 @@ class StableDiffusion(DiffusionPipeline):
         progress: bool = False,
     ) -> np.ndarray:
         """Text-to-image, image-to-image (``init_image``), inpainting (``init_image`` and ``mask_image``) and
-        ControlNet guidance (``controlnet`` and ``control_image``); the tasks combine.
-
-        Args:
-          prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
-          negative_prompts: one per prompt (or one for all); "" when None.
-          guidance_scale: classifier-free guidance weight; <= 1 runs the conditional branch only.
-          sampler: one of :data:`sdjax.samplers.SAMPLERS`.
-          seed: image i's noise depends only on (seed, i), whatever the number of devices.
-          latents: optional initial standard-normal noise (N, H/8, W/8, C), scaled by the sampler's initial sigma
-            (with ``strength`` < 1: the noise added to the init latents).
-          init_image: path, PIL image or array (H, W, 3) (uint8, or float in [0, 1]) for img2img, or diffusion
-            latents (N, H/8, W/8, C); ``strength`` in (0, 1] is the fraction of the schedule re-run on it (default
-            0.75; inpainting 1.0: start from noise).
-          mask_image: inpainting's mask (path, PIL image, array (H, W) uint8 / bool / float in [0, 1]) of the init
-            image's size; white (>= 0.5) is repainted (see :mod:`sdjax.tasks.inpaint`). Inpainting models
-            (UNet in_channels 9) require it; ordinary models blend the init image outside it after every step.
-          controlnet, control_image: a :class:`sdjax.ControlNet` and its control image (path, PIL, (H, W, 3)
-            array in [0, 1] or uint8), or lists of them (their residuals sum); controlnet_conditioning_scale,
-            control_guidance_start, control_guidance_end: one for all or one per ControlNet; guess_mode: the
-            ControlNets see the conditional branch only (see :mod:`sdjax.tasks.controlnet`).
-          guidance_rescale: in [0, 1], rescales the guided prediction towards the conditional one's std (Lin et
-            al. 2023, Sec. 3.4), as diffusers; 0 is off.
-          clip_skip: use the text encoder's k-th layer from the end (k >= 1), as diffusers.
-          output: "image", or "latent" for the final diffusion latents (N, H/8, W/8, C) without decoding.
-          scheduler_config: diffusers scheduler config fields for this call, over the model's
-            (``{"timestep_spacing": "trailing"}`` for a Lightning / Hyper-SD model); see docs/samplers.md.
-        Returns:
-          np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) * num_images_per_prompt.
+        ControlNet guidance (``controlnet`` and ``control_image``); the tasks combine. ``prompts``: one prompt or a
+        list, each giving ``num_images_per_prompt`` images; ``negative_prompts``: one per prompt (or one for all),
+        "" when None; ``clip_skip``: use the text encoder's k-th layer from the end (k >= 1), as diffusers; the
+        other arguments as :class:`sdjax.generation.Request`. Returns np.float32 (N, H, W, 3) in [0, 1],
+        N = len(prompts) * num_images_per_prompt (``output="latent"``: the latents (N, H/8, W/8, C)).
         """
         prompts = prompt_list("prompts", prompts)
         strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength

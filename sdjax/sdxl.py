@@ -17,6 +17,7 @@ Base -> refiner ("ensemble of expert denoisers", as diffusers)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +32,10 @@ from sdjax.errors import PipelineError
 from sdjax.loading import folders, textual_inversion
 from sdjax.pipeline import DiffusionPipeline
 
+# generate()'s micro-conditioning arguments (sdjax.conditioning.added_time_ids).
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                      "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+                      "negative_aesthetic_score")  # fmt: skip
 # The text encoders in prompt order, with their tokenizer folders.
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
@@ -148,46 +153,10 @@ class StableDiffusionXL(DiffusionPipeline):
         return conditioning.sdxl_text(encoders)
 
     def time_ids(self, original_size: tuple, crops_coords_top_left: tuple, last: tuple) -> np.ndarray:
-        """SDXL's micro-conditioning (6,) base / (5,) refiner float32: original (h, w), crop (top, left), then the
-        target (h, w) (base) or the aesthetic score (refiner); checked against the UNet's ``add_embedding``."""
-        ids = np.asarray([*original_size, *crops_coords_top_left, *last], np.float32)
-        cfg = self.unet.config
-        if cfg.addition_embed_type != "text_time":
-            raise PipelineError(f"this UNet has addition_embed_type={cfg.addition_embed_type!r}; SDXL's is 'text_time'")
+        """SDXL's micro-conditioning (6,) base / (5,) refiner float32 (see :func:`sdjax.conditioning.sdxl_time_ids`)."""
+        ids = (original_size, crops_coords_top_left, last)
         pooled = self.text_encoder_2.config.projection_dim
-        expected = (cfg.projection_class_embeddings_input_dim - pooled) / cfg.addition_time_embed_dim
-        if len(ids) != expected:
-            kind = "aesthetic score" if self.requires_aesthetics_score else "target size"
-            raise PipelineError(
-                f"the UNet expects {expected:g} time ids, the pipeline makes {len(ids)} (original size, crop, "
-                f"{kind}): requires_aesthetics_score={self.requires_aesthetics_score} in model_index.json does not "
-                "fit this UNet"
-            )
-        return ids
-
-    def _added_time_ids(self, size: tuple[int, int], img2img: bool, micro: dict[str, Any]) -> tuple[Any, Any]:
-        """(positive, negative) time ids as diffusers' SDXL pipelines make them (txt2img: the negative ones differ
-        only when both negative sizes are given; img2img: each negative field defaults to its positive one)."""
-        original = _pair("original_size", micro["original_size"] or size)
-        target = _pair("target_size", micro["target_size"] or size)
-        crop = _pair("crops_coords_top_left", micro["crops_coords_top_left"])
-        negative_crop = _pair("negative_crops_coords_top_left", micro["negative_crops_coords_top_left"])
-        negative_original = micro["negative_original_size"]
-        negative_target = micro["negative_target_size"]
-        if self.requires_aesthetics_score:
-            scores = [_score(micro, "aesthetic_score"), _score(micro, "negative_aesthetic_score")]
-            positive = self.time_ids(original, crop, (scores[0],))
-            negative_original = _pair("negative_original_size", negative_original or original)
-            return positive, self.time_ids(negative_original, negative_crop, (scores[1],))
-        positive = self.time_ids(original, crop, target)
-        if img2img:  # diffusers' img2img pairs the negative sizes with the positive crop
-            negative_original = _pair("negative_original_size", negative_original or original)
-            negative_target = _pair("negative_target_size", negative_target or target)
-            return positive, self.time_ids(negative_original, crop, negative_target)
-        if negative_original is None or negative_target is None:
-            return positive, positive
-        negative = (_pair("negative_original_size", negative_original), negative_crop)
-        return positive, self.time_ids(*negative, _pair("negative_target_size", negative_target))
+        return conditioning.sdxl_time_ids(*ids, self.unet.config, pooled, self.requires_aesthetics_score)
 
     def conditions(
         self,
@@ -202,21 +171,9 @@ class StableDiffusionXL(DiffusionPipeline):
         """The UNet's inputs {"cond": {...}, "uncond": {...}} (``encoder_hidden_states``, ``text_embeds``,
         ``time_ids``) for B prompts. With no negative prompts and ``force_zeros_for_empty_prompt`` the negative
         embeddings are zeros, as diffusers."""
-        n = len(prompts)
-        states, pooled = self.encode_prompt(prompts, prompts_2, clip_skip)
-        out = {"cond": {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": _rows(time_ids[0], n)}}
-        if guided:
-            if negative_prompts is None and self.force_zeros_for_empty_prompt:
-                neg_states, neg_pooled = jnp.zeros_like(states), jnp.zeros_like(pooled)
-            else:
-                negative = negative_prompts or [""] * n
-                neg_states, neg_pooled = self.encode_prompt(negative, negative_prompts_2 or negative, clip_skip)
-            out["uncond"] = {
-                "encoder_hidden_states": neg_states,
-                "text_embeds": neg_pooled,
-                "time_ids": _rows(time_ids[1], n),
-            }
-        return out
+        encode = functools.partial(self.encode_prompt, clip_skip=clip_skip)
+        texts = (prompts, prompts_2, negative_prompts, negative_prompts_2)
+        return conditioning.sdxl_conditions(encode, texts, guided, time_ids, self.force_zeros_for_empty_prompt)
 
     # ------------------------------------------------------------------------------------------- generation
 
@@ -275,38 +232,18 @@ class StableDiffusionXL(DiffusionPipeline):
           denoising_end: in (0, 1), stop after that fraction of the schedule (with ``output="latent"``, the
             base's half of the hand-off); denoising_start: start there, from ``init_image`` latents as given
             (the refiner's half; ``strength`` is then unused).
-          output: "image" (N, H, W, 3) in [0, 1], or "latent": the diffusion latents (N, H/8, W/8, 4).
-          scheduler_config: scheduler config fields for this call, over the model's (SDXL-Lightning:
-            ``{"timestep_spacing": "trailing"}`` with ``sampler="euler"``).
+          scheduler_config: e.g. SDXL-Lightning's ``{"timestep_spacing": "trailing"}`` with ``sampler="euler"``.
         """
-        prompts = prompt_list("prompts", prompts)
-        n = len(prompts)
         strength = (0.9999 if mask_image is not None else 0.3) if strength is None else strength
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
-        self._check_negative_prompts(negative_prompts, negative_prompts_2)
-        prompts_2 = None if prompts_2 is None else _matched("prompts_2", prompts_2, n)
-        negatives = None if negative_prompts is None else negative_prompt_list(negative_prompts, n)
-        negatives_2 = None if negative_prompts_2 is None else negative_prompt_list(negative_prompts_2, n)
-        if self.requires_aesthetics_score and init_image is None:
-            raise PipelineError(
-                "this SDXL model (requires_aesthetics_score: a refiner) works on an image: pass init_image (an image, "
-                'or the latents of generate(..., denoising_end=..., output="latent") with denoising_start)'
-            )
-        text_lists = (prompts, prompts_2, negatives, negatives_2)
-        micro = {
-            "original_size": original_size,
-            "crops_coords_top_left": crops_coords_top_left,
-            "target_size": target_size,
-            "negative_original_size": negative_original_size,
-            "negative_crops_coords_top_left": negative_crops_coords_top_left,
-            "negative_target_size": negative_target_size,
-            "aesthetic_score": aesthetic_score,
-            "negative_aesthetic_score": negative_aesthetic_score,
-        }
+        texts = _prompt_lists(self, prompts, prompts_2, negative_prompts, negative_prompts_2, init_image)
+        micro = {name: value for name, value in locals().items() if name in MICRO_CONDITIONING}
 
         def conditions(guided: bool, height: int, width: int, img2img: bool) -> dict[str, Any]:
-            texts = [None if p is None else repeat(p, num_images_per_prompt) for p in text_lists]
-            return self.conditions(*texts, guided, self._added_time_ids((height, width), img2img, micro), clip_skip)
+            repeated = [None if p is None else repeat(p, num_images_per_prompt) for p in texts]
+            aesthetic = self.requires_aesthetics_score
+            ids = conditioning.added_time_ids(self.time_ids, (height, width), img2img, micro, aesthetic)
+            return self.conditions(*repeated, guided, ids, clip_skip)
 
         request = generation.Request(
             num_inference_steps, guidance_scale, self.default_sampler if sampler is None else sampler, seed, height,
@@ -314,7 +251,25 @@ class StableDiffusionXL(DiffusionPipeline):
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode,
             use_karras_sigmas, guidance_rescale, denoising_start, denoising_end, output, scheduler_config, progress,
         )  # fmt: skip
-        return generation.generate(self, conditions, n * num_images_per_prompt, request)
+        return generation.generate(self, conditions, len(texts[0]) * num_images_per_prompt, request)
+
+
+def _prompt_lists(pipe: Any, prompts: Any, prompts_2: Any, negatives: Any, negatives_2: Any, init_image: Any) -> tuple:
+    """(prompts, prompts_2, negative_prompts, negative_prompts_2) as lists of n (None where not given), checked."""
+    prompts = prompt_list("prompts", prompts)
+    n = len(prompts)
+    pipe._check_negative_prompts(negatives, negatives_2)
+    if pipe.requires_aesthetics_score and init_image is None:
+        raise PipelineError(
+            "this SDXL model (requires_aesthetics_score: a refiner) works on an image: pass init_image (an image, "
+            'or the latents of generate(..., denoising_end=..., output="latent") with denoising_start)'
+        )
+    return (
+        prompts,
+        None if prompts_2 is None else _matched("prompts_2", prompts_2, n),
+        None if negatives is None else negative_prompt_list(negatives, n),
+        None if negatives_2 is None else negative_prompt_list(negatives_2, n),
+    )
 
 
 def _matched(name: str, prompts: str | list[str], n: int) -> list[str]:
@@ -325,24 +280,3 @@ def _matched(name: str, prompts: str | list[str], n: int) -> list[str]:
     if len(prompts) != n:
         raise PipelineError(f"got {len(prompts)} {name} for {n} prompts; pass one per prompt (or one string)")
     return prompts
-
-
-def _pair(name: str, value: Any) -> tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_number(v) for v in value):
-        raise PipelineError(f"{name} must be a pair of numbers (pixels), got {value!r}")
-    return float(value[0]), float(value[1])
-
-
-def _score(micro: dict[str, Any], name: str) -> float:
-    if not _is_number(micro[name]):
-        raise PipelineError(f"{name} must be a finite number, got {micro[name]!r}")
-    return float(micro[name])
-
-
-def _is_number(value: Any) -> bool:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    return ok and bool(np.isfinite(value))
-
-
-def _rows(time_ids: np.ndarray, n: int) -> jax.Array:
-    return jnp.broadcast_to(jnp.asarray(time_ids), (n, time_ids.shape[0]))
