@@ -105,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="single-file checkpoints only: v_prediction for SD 2.x 768-v (not recorded in the weights)",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="params and compute dtype")
+    _add_task_flags(parser)
+    parser.add_argument("--progress", action="store_true", help="show a progress bar over the sampling steps")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not read or write JAX's persistent compilation cache ($SDJAX_CACHE_DIR, else ~/.cache/sdjax/jax)",
+    )
+    return parser
+
+
+def _add_task_flags(parser: argparse.ArgumentParser) -> None:
+    """img2img, inpainting and ControlNet options."""
     parser.add_argument("--init-image", default=None, help="image file for image-to-image")
     parser.add_argument(
         "--strength",
@@ -120,14 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--control-scale", action="append", type=float, default=None, help="one, or one per --controlnet (default: 1.0)"
     )
-    parser.add_argument("--progress", action="store_true", help="show a progress bar over the sampling steps")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--no-compile-cache",
-        action="store_true",
-        help="do not read or write JAX's persistent compilation cache ($SDJAX_CACHE_DIR, else ~/.cache/sdjax/jax)",
-    )
-    return parser
 
 
 # Options that only act in one mode, with the mode they need (checked before loading; the others after it).
