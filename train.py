@@ -28,8 +28,9 @@ same on every host. A process whose peer dies stops with one line within about -
 seconds; rerun every process to resume from the last checkpoint.
 
 Outputs in --workdir: model/ (diffusers-style configs, tokenizer, scheduler, frozen weights), checkpoints/,
-logs/ (TensorBoard), samples/<step>.png, train_config.json. Load the result with
-sdjax.StableDiffusion.from_pretrained(workdir).
+logs/ (TensorBoard), samples/<step>.png, train_config.json, train.lock (one run per workdir: a second is refused),
+unreadable_checkpoints/ (checkpoints that did not restore, moved aside). Load the result with
+sdjax.StableDiffusion.from_pretrained(workdir); the last line printed gives the sample.py command.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import socket
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import NoReturn
 
 # Quiet third-party start-up chatter: TensorFlow's C++ INFO lines, transformers' "PyTorch was not found".
@@ -177,6 +179,25 @@ class _OneLineBackgroundErrors(pylogging.Filter):
         return True
 
 
+class _DropDiskFullErrors(pylogging.Filter):
+    """A full disk fails every pending write of a checkpoint at once; Orbax's and asyncio's background threads log
+    each failure with a traceback. The run's own DiskFullError line says it once, with what to do."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+        return "No space left on device" not in text and "Disk quota exceeded" not in text
+
+
+def _quiet_closed_loop_callbacks(unraisable: object) -> None:
+    """After a failed save Orbax closes its event loop while TensorStore still completes the save's other writes;
+    their callbacks then find the loop closed (an unraisable RuntimeError each, printed with a traceback). Those
+    are dropped; any other unraisable error is printed as before."""
+    error = getattr(unraisable, "exc_value", None)
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _exit_now(status: int) -> NoReturn:
     """Exits without JAX's shutdown barrier: peers blocked in a collective with this process would keep it
     waiting (and then abort it); exiting closes the connections, so they fail at once too."""
@@ -203,18 +224,23 @@ def main(argv: list[str]) -> None:
     if distributed:
         start_cluster()
         logging.get_absl_handler().addFilter(_OneLineBackgroundErrors())
+    logging.get_absl_handler().addFilter(_DropDiskFullErrors())
+    sys.unraisablehook = _quiet_closed_loop_callbacks
     logging.info("process %d/%d, %d local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.local_devices())  # fmt: skip
 
     from sdjax.train import loop
     from sdjax.train.monitor import NonFiniteLossError
+    from sdjax.train.workdir import DiskFullError, closing_line
 
     # --- Train: sdjax's own errors (bad config, data, weights; divergence) end the run with one clear line;
     # anything else is a bug and keeps its traceback.
     try:
         loop.train_and_evaluate(config, _WORKDIR.value, host_state=False)
+        if jax.process_index() == 0:
+            print(closing_line(config, Path(_WORKDIR.value).absolute()), file=sys.stderr, flush=True)
     except Exception as e:
-        ours = isinstance(e, (NonFiniteLossError, ValueError)) and type(e).__module__.startswith("sdjax")
+        ours = isinstance(e, (NonFiniteLossError, ValueError, DiskFullError)) and type(e).__module__.startswith("sdjax")
         if not (ours or distributed):
             raise
         if ours:

@@ -156,16 +156,20 @@ def child(env_devices: int, args: list[str], compile_only: bool = False) -> list
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def bench_compile(models: list[str], device_counts: list[int]) -> None:
-    """Prints part 1's table, one model at a time."""
+def bench_compile(models: list[str], device_counts: list[int], max_dp_devices: int | None = None) -> None:
+    """Prints part 1's table, one model at a time (data-parallel rows only up to ``max_dp_devices`` devices: their
+    per-device memory does not depend on the device count)."""
     for name in models:
         rows = []
         for n in device_counts:
-            for fsdp in sorted({1, n}):
+            layouts = sorted({1, n}) if max_dp_devices is None or n <= max_dp_devices else [n]
+            for fsdp in layouts:
                 r = child(n, ["--child-compile", name, "--fsdp", str(fsdp)], compile_only=True)[0]
                 layout = "1 device" if n == 1 else ("data-parallel" if fsdp == 1 else f"fsdp={fsdp}")
                 rows.append((f"{n} | {layout}", r))
-                done = f"{r['total_gib']:.2f} GiB/device ({r['compile_s']:.0f} s compile)"
+                parts = " ".join(f"{k[:-4]} {r[k]:.2f}" for k in ("arguments_gib", "outputs_gib", "temporaries_gib",
+                                                                     "aliased_gib"))  # fmt: skip
+                done = f"{r['total_gib']:.2f} GiB/device ({parts}; {r['compile_s']:.0f} s compile)"
                 print(f"  {name} {n} devices {layout}: {done}", file=sys.stderr, flush=True)
         first = rows[0][1]
         print(f"\n{name}: UNet {first['params_m']:.0f}M params; state (float32 params, AdamW moments, EMA) "
@@ -238,6 +242,7 @@ def main() -> None:
     parser.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
     parser.add_argument("--devices", default="1,4,8,16", help="comma-separated fake device counts")
     parser.add_argument("--skip-compile", action="store_true", help="skip part 1 (the compiled memory tables)")
+    parser.add_argument("--max-dp-devices", type=int, default=None, help="data-parallel rows only up to this many")
     parser.add_argument("--skip-rss", action="store_true", help="skip part 2 (the training job's host RSS)")
     parser.add_argument("--child-compile", choices=tuple(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
@@ -255,7 +260,7 @@ def main() -> None:
         parser.error(f"--models: unknown {unknown}; accepted: {', '.join(MODELS)}")
     print(f"bench_sharding, {time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if not args.skip_compile:
-        bench_compile(models, [int(n) for n in args.devices.split(",")])
+        bench_compile(models, [int(n) for n in args.devices.split(",")], args.max_dp_devices)
     if not args.skip_rss:
         bench_rss()
 

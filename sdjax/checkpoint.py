@@ -6,6 +6,7 @@ A training workdir ``DIR`` holds::
                                and the weights of the frozen components: ``sdjax.loading.folders.write_model_folder``)
     DIR/checkpoints/<step>/    Orbax items: params, ema_params (when EMA is on), opt_state, meta (JSON: step, rng,
                                data_position)
+    DIR/unreadable_checkpoints/<step>/   checkpoints that failed to restore, moved aside by a resuming run
 
 ``params`` and ``ema_params`` map a component name ("vae", "unet", "text_encoder") to its parameter tree, so
 :func:`load_trained_params` reads them without knowing the optimizer. Arrays are saved as the global arrays they
@@ -24,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINTS_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"  # checkpoints that failed to restore, moved aside (never deleted)
 MODEL_DIR = "model"
 META = "meta"
 # Items of one checkpoint; only "params" is required (ema_params is absent when EMA is off).
@@ -88,6 +90,24 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args, **{META: ocp.args.JsonRestore()}))
         return {name: restored[name] for name in targets}, dict(restored[META])
 
+    def set_aside(self, step: int) -> Path:
+        """Moves checkpoint ``step`` (one that does not restore) to ``DIR/unreadable_checkpoints/<step>``, out of
+        Orbax's sight: the run can save that step again, and the files stay for inspection. Returns the new path.
+        Process 0 moves it; every process then sees the remaining steps."""
+        target = self.directory.parent / UNREADABLE_DIR / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            n = 1
+            while target.exists():  # the same step set aside before: keep both
+                target, n = target.with_name(f"{step}.{n}"), n + 1
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self.manager.reload()
+        return target
+
     def has_item(self, name: str, step: int) -> bool:
         """Whether checkpoint ``step`` holds item ``name``."""
         return (self.directory / str(step) / name).is_dir()
@@ -99,9 +119,11 @@ class Checkpoints:
     def close(self) -> None:
         """Waits for pending saves and releases the manager's threads (idempotent)."""
         if not self._closed:
-            self.manager.wait_until_finished()
-            self.manager.close()
             self._closed = True
+            try:
+                self.manager.wait_until_finished()  # raises a failed background save's error
+            finally:
+                self.manager.close()
 
 
 def item_handlers() -> dict[str, Any]:

@@ -153,8 +153,7 @@ def open_source(
 ) -> ExampleSource:
     """Prepares (if needed) and opens one split of a source (see `sources.builder`, given `source_options`)."""
     builder = sources.builder(source, data_dir, **(source_options or {}))
-    if not builder.is_prepared():
-        builder.download_and_prepare(file_format=builder.info.file_format or "array_record")
+    sources.prepare(builder)
     if split not in builder.info.splits:
         raise sources.MissingSplitError(
             f"{builder.name} has no split {split!r}; its splits: {list(builder.info.splits)}"

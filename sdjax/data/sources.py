@@ -13,16 +13,21 @@ A source is one of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from sdjax.data.imagefolder import CaptionedImageFolder
+from sdjax.data.imagefolder import CaptionedImageFolder, ImageFolderConfig
 from sdjax.shapes64 import scene as shapes64_scene
-from sdjax.shapes64.dataset import Shapes64
+from sdjax.shapes64.dataset import Shapes64, Shapes64Config
 
 
 class DataError(ValueError):
@@ -100,6 +105,44 @@ def builder(source, data_dir: str | None = None, **options) -> tfds.core.Dataset
             f"source {source!r} is not a named source ({', '.join(NAMED_SOURCES)}), an existing folder, "
             "nor a registered TFDS dataset"
         ) from e
+
+
+LOCAL_BUILDERS = (Shapes64, CaptionedImageFolder)  # data drawn or read from local files: nothing downloads
+
+
+class _LocalBuilderNotes(logging.Filter):
+    """TFDS notes that say nothing about sdjax's local builders: their configs are made per data size or folder
+    ("Using custom data configuration"), and a data dir they prepare for the first time has no variant yet."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Using custom data configuration: %s":
+            return not isinstance(record.args[0], (Shapes64Config, ImageFolderConfig))
+        if str(record.msg).startswith("Variant folder %s has no") and record.args:
+            return not set(Path(str(record.args[0])).parts) & {b.name for b in LOCAL_BUILDERS}
+        return True
+
+
+logging.getLogger("absl").addFilter(_LocalBuilderNotes())
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> None:
+    """Prepares ``builder``'s data in its data_dir unless it is already. A local builder (shapes64, an image
+    folder) says so in one line instead of TFDS's "Downloading and preparing dataset Unknown size" wording and
+    progress bars; other TFDS datasets keep TFDS's own report of what they download."""
+    if builder.is_prepared():
+        return
+    file_format = builder.info.file_format or "array_record"
+    if not isinstance(builder, LOCAL_BUILDERS):
+        builder.download_and_prepare(file_format=file_format)
+        return
+    print(f"preparing {builder.name} data in {builder.data_dir} (made locally: nothing is downloaded)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its download wording to stdout
+            builder.download_and_prepare(file_format=file_format)
+    finally:
+        tfds.display_progress_bar(True)
 
 
 def captions(source) -> list[str] | None:

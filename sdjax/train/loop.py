@@ -10,6 +10,8 @@ of the model definition afterwards: resumed runs rebuild every module from it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -30,6 +32,7 @@ from sdjax import checkpoint, parallel, tokenizer
 from sdjax.train import checks, families, monitor, steps
 from sdjax.train import model as model_lib
 from sdjax.train import state as state_lib
+from sdjax.train import workdir as workdir_lib
 from sdjax.train.stage import Stage, close_batches, get_stage
 
 Batches = Iterator[dict[str, np.ndarray]]
@@ -141,23 +144,12 @@ def train_and_evaluate(
     """
     workdir = Path(workdir).absolute()
     checks.check_config(config, batches_fn is None)
-    checks.check_same_model(config, workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise checks.TrainConfigError(f"workdir {workdir} is a file; pass a folder (new or a run's workdir)")
-    created = not workdir.exists()
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise checks.TrainConfigError(f"cannot create workdir {workdir}: {e.strerror}") from e
-    try:
+    # The lock comes before anything is read or written: a second run on the workdir is refused, and a failed
+    # start removes only what this run created.
+    with workdir_lib.owned(workdir, owner=jax.process_index() == 0):
+        checks.check_same_model(config, workdir)
         state = _train(config, workdir, batches_fn, eval_batches_fn)
         return parallel.to_host(state) if host_state else None
-    except BaseException:
-        # A run that failed before its first checkpoint leaves no workdir behind (nothing of the user's is in it).
-        checkpoints = workdir / checkpoint.CHECKPOINTS_DIR
-        if created and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
 
 
 def prepare_model_folder(stage: Stage, config: ml_collections.ConfigDict, folder: Path, batches_fn: Any) -> None:
@@ -213,74 +205,114 @@ def _model(config: ml_collections.ConfigDict, workdir: Path, stage: Stage, batch
         if jax.process_index() == 0 and batches_fn is None:
             prepare_data(config)
         multihost_utils.sync_global_devices("model folder written, data prepared")
-    model = model_lib.load_model(config, model_dir)
-    if jax.process_index() == 0:
-        (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    return model
+    return model_lib.load_model(config, model_dir)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the train loop works with, once set up."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    model: model_lib.Model
+    ckpts: checkpoint.Checkpoints
+    logger: monitor.Logger
+    train_step: Callable
+    eval_step: Callable
+    frozen: Any
+    preview: Callable
+    batches: Batches  # global batches on the mesh
+    host_batches: Batches  # this host's batches, for their counters
+    eval_batches: list
+    rng: jax.Array
 
 
 def _train(
     config: ml_collections.ConfigDict, workdir: Path, batches_fn: BatchesFn | None, eval_batches_fn: Any
 ) -> state_lib.TrainState:
     stage, accum = get_stage(config.stage), config.grad_accum_steps
-
-    # --- Model folder (written once per workdir, by host 0) and modules.
-    model = _model(config, workdir, stage, batches_fn)
-
-    # --- Mesh, and the train state on it: restored from the latest checkpoint, else initialised.
-    mesh = parallel.mesh_from_config(config)
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    state, start, rng = model_lib.initial_state(config, model, ckpts, mesh)
-    if start >= config.steps:
-        ckpts.close()
-        logging.warning("%s already holds step %d of %d: nothing to train", workdir, start, config.steps)
-        return state
-
-    # --- Update and evaluation steps (jitted over the mesh), input pipelines.
-    loss_fn = stage.loss_fn(config, model)
-    min_size = parallel.mesh_options(config)["min_shard_size"]
-    frozen = parallel.place(model.frozen, parallel.shardings(model.frozen, mesh, min_size))
-    train_step = parallel.jit_train_step(steps.make_train_step(loss_fn, config), state, frozen)
-    eval_step = parallel.jit_eval_step(steps.make_eval_step(loss_fn), state.params, frozen)
-    rng = parallel.put_key(rng, mesh)
-    eval_batches = _eval_batches(config, model, batches_fn, eval_batches_fn)
-    host_batches = _training_batches(config, model, batches_fn, start * accum)
-    first = next(host_batches)
-    preview = stage.preview(config, model, parallel.host_rows(first["image"])[: config.num_samples])
-    batches = parallel.prefetch(itertools.chain([first], host_batches), mesh)
-
-    # --- Train loop.
-    logger = monitor.Logger(workdir, start, config.steps, config.batch_size * accum)
-    pending: list[tuple[int, dict]] = []
+    heartbeat, ckpts, host_batches = monitor.Heartbeat(), None, None
     try:
-        with monitor.Preemption() as preemption:
-            for step in range(start + 1, config.steps + 1):
+        # --- Model folder (written once per workdir, by host 0) and modules.
+        with heartbeat.phase("preparing the model folder"):
+            model = _model(config, workdir, stage, batches_fn)
+
+        # --- Mesh, and the train state on it: restored from the latest checkpoint, else initialised.
+        mesh = parallel.mesh_from_config(config)
+        ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+        restoring = ckpts.latest_step() is not None
+        with heartbeat.phase("restoring a checkpoint" if restoring else "initialising the train state"):
+            state, start, rng = model_lib.initial_state(config, model, ckpts, mesh)
+        if jax.process_index() == 0:  # recorded once the state is there: a run that cannot start changes nothing
+            (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        if start >= config.steps:
+            logging.warning("%s already holds step %d of %d: nothing to train", workdir, start, config.steps)
+            return state
+
+        # --- Update and evaluation steps (jitted over the mesh), input pipelines.
+        loss_fn = stage.loss_fn(config, model)
+        min_size = parallel.mesh_options(config)["min_shard_size"]
+        frozen = parallel.place(model.frozen, parallel.shardings(model.frozen, mesh, min_size))
+        train_step = parallel.jit_train_step(steps.make_train_step(loss_fn, config), state, frozen)
+        eval_step = parallel.jit_eval_step(steps.make_eval_step(loss_fn), state.params, frozen)
+        with heartbeat.phase("preparing data"):
+            eval_batches = _eval_batches(config, model, batches_fn, eval_batches_fn)
+            host_batches = _training_batches(config, model, batches_fn, start * accum)
+            first = next(host_batches)
+        preview = stage.preview(config, model, parallel.host_rows(first["image"])[: config.num_samples])
+        batches = parallel.prefetch(itertools.chain([first], host_batches), mesh)
+        logger = monitor.Logger(workdir, start, config.steps, config.batch_size * accum, heartbeat)
+        run = _Run(config, workdir, model, ckpts, logger, train_step, eval_step, frozen, preview, batches,
+                   host_batches, eval_batches, parallel.put_key(rng, mesh))  # fmt: skip
+        try:
+            return _loop(run, state, start)
+        finally:
+            logger.close()
+    finally:
+        heartbeat.close()
+        close_batches(host_batches)
+        if ckpts is not None:
+            ckpts.close()
+
+
+def _loop(run: _Run, state: state_lib.TrainState, start: int) -> state_lib.TrainState:
+    """Steps ``start + 1`` .. config.steps: update, log, save, evaluate, preview; stops early on preemption."""
+    config, logger, accum = run.config, run.logger, run.config.grad_accum_steps
+    pending: list[tuple[int, dict]] = []
+    with monitor.Preemption() as preemption:
+        for step in range(start + 1, config.steps + 1):
+            compiling = step == start + 1  # the first step compiles the update step: not part of the throughput
+            with logger.heartbeat.phase("compiling the update step") if compiling else contextlib.nullcontext():
                 for _ in range(accum):
-                    state, metrics = train_step(state, frozen, next(batches), rng)
+                    state, metrics = run.train_step(state, run.frozen, next(run.batches), run.rng)
                     pending.append((step, metrics))
-                logger.bar.update(1)
-                stop = preemption.reached(step)
-                save = stop or step % config.checkpoint_every == 0 or step == config.steps
-                if save or step % config.log_every == 0:
-                    logger.scalars(step, {**monitor.check_finite(pending, ckpts), **monitor.data_metrics(host_batches)})
-                    pending = []
-                if save:
-                    state_lib.save_checkpoint(ckpts, state, step, rng)
-                # Evaluation and previews use the EMA params when the run keeps them: those are what gets sampled.
-                params = state.ema_params if state.ema_params is not None else state.params
-                if eval_batches and (step % config.eval_every == 0 or step == config.steps):
-                    logger.evaluation(step, evaluate(eval_step, params, frozen, eval_batches, rng))
-                if config.sample_every and step % config.sample_every == 0:
+                if compiling:
+                    jax.block_until_ready(metrics)
+                    logger.start_clock(step)
+            logger.bar.update(1)
+            stop = preemption.reached(step)
+            save = stop or step % config.checkpoint_every == 0 or step == config.steps
+            if save or step % config.log_every == 0:
+                metrics = {**monitor.check_finite(pending, run.ckpts), **monitor.data_metrics(run.host_batches)}
+                logger.scalars(step, metrics)
+                pending = []
+            if save:
+                with logger.paused("saving a checkpoint", state):
+                    state_lib.save_checkpoint(run.ckpts, state, step, run.rng)
+            # Evaluation and previews use the EMA params when the run keeps them: those are what gets sampled.
+            params = state.ema_params if state.ema_params is not None else state.params
+            if run.eval_batches and (step % config.eval_every == 0 or step == config.steps):
+                with logger.paused("evaluating", state):
+                    logger.evaluation(step, evaluate(run.eval_step, params, run.frozen, run.eval_batches, run.rng))
+            if config.sample_every and step % config.sample_every == 0:
+                with logger.paused("drawing the preview", state):
                     host_params = parallel.to_host(params)  # every process: shards may live on several
                     if jax.process_index() == 0:
-                        logger.image(step, write_preview(preview({**model.frozen, **host_params}), step, workdir))
-                if stop:
-                    logging.warning("preemption requested: saved step %d, exiting", step)
-                    break
-    finally:
-        close_batches(host_batches)
-        ckpts.close()
-        logger.close()
+                        grid = write_preview(run.preview({**run.model.frozen, **host_params}), step, run.workdir)
+                        logger.image(step, grid)
+            if stop:
+                logging.warning("preemption requested: saved step %d, exiting", step)
+                break
     return state
 
 

@@ -134,6 +134,6 @@ def initial_state(
     if ckpts.latest_step() is None:
         params = initial_params(config, model, jax.random.fold_in(rng, 1), shardings.params)
         return jax.jit(create, out_shardings=shardings)(params), 0, rng
-    state, start, rng = state_lib.restore_checkpoint(ckpts, parallel.abstract(shapes, shardings))
+    state, start, rng = state_lib.restore_newest(ckpts, parallel.abstract(shapes, shardings))
     logging.info("resumed from %s at step %d", ckpts.directory / str(start), start)
     return state, start, rng

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,31 +82,103 @@ def data_metrics(batches: Any) -> dict[str, float]:
     return {} if skipped is None else {"corrupt_images_skipped": float(skipped)}
 
 
-class Logger:
-    """tqdm bar (loss, steps/s, images/s) and TensorBoard event files in workdir/logs; host 0 only."""
+def say(line: str) -> None:
+    """One line on stderr from process 0, above the progress bar when there is one."""
+    if jax.process_index() == 0:
+        from tqdm.auto import tqdm
 
-    def __init__(self, workdir: Path, start: int, total: int, images_per_step: int):
+        tqdm.write(line, file=sys.stderr)
+
+
+class Heartbeat:
+    """While a long phase runs (preparing data, compiling a step, restoring), one line every ``every`` seconds
+    ("still compiling the update step, 60 s"), so a quiet run is not taken for a hung one. A daemon thread;
+    ``SDJAX_HEARTBEAT_SECONDS`` sets ``every`` (default 30)."""
+
+    def __init__(self, every: float | None = None):
+        self.every = every or float(os.environ.get("SDJAX_HEARTBEAT_SECONDS", 30))
+        self._phase: tuple[str, float] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sdjax-heartbeat", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def phase(self, what: str) -> Iterator[None]:
+        """Reports ``what`` (e.g. "compiling the update step") while the block runs longer than ``every``."""
+        previous, self._phase = self._phase, (what, time.monotonic())
+        try:
+            yield
+        finally:
+            self._phase = previous
+
+    def _run(self) -> None:
+        reported = None
+        while not self._stop.wait(min(1.0, self.every / 4)):
+            phase = self._phase
+            if phase is None:
+                continue
+            elapsed = time.monotonic() - phase[1]
+            beats = int(elapsed // self.every)
+            if beats and (phase, beats) != reported:
+                reported = (phase, beats)
+                say(f"still {phase[0]}, {beats * self.every:.0f} s")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Logger:
+    """tqdm bar (loss, steps/s, images/s) and TensorBoard event files in workdir/logs; host 0 only.
+
+    Throughput counts training steps only: the first step (it compiles the update step) and the blocks run in
+    :meth:`paused` (checkpoint saves, evaluation, previews: they compile and run other programs) are left out."""
+
+    BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's own rate: compiles
+
+    def __init__(self, workdir: Path, start: int, total: int, images_per_step: int, heartbeat: Heartbeat):
         from tqdm.auto import tqdm
 
         self.active = jax.process_index() == 0
-        self.bar = tqdm(total=total, initial=start, disable=not self.active, dynamic_ncols=True, desc="train")
+        self.bar = tqdm(total=total, initial=start, disable=not self.active, dynamic_ncols=True, desc="train",
+                        bar_format=self.BAR)  # fmt: skip
         self.writer = None
         if self.active:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(workdir / "logs"))
         self.images_per_step, self.workdir = images_per_step, workdir
-        self.last_step, self.last_time = start, time.perf_counter()
+        self.heartbeat, self.clock = heartbeat, time.perf_counter
+        self.last_step, self.last_time, self.paused_time = start, None, 0.0
+
+    def start_clock(self, step: int) -> None:
+        """Throughput is measured from here (after ``step``, the compiling one, finished)."""
+        self.last_step, self.last_time, self.paused_time = step, self.clock(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self, what: str, state: Any) -> Iterator[None]:
+        """A block that is not training (evaluation, preview): left out of the throughput, reported by the
+        heartbeat when it runs long. ``state``: waited for first, so queued steps count as training."""
+        jax.block_until_ready(state)
+        start = self.clock()
+        try:
+            with self.heartbeat.phase(what):
+                yield
+        finally:
+            self.paused_time += self.clock() - start
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
-        now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_step, self.last_time = step, now
-        metrics = {**metrics, "steps_per_s": rate, "images_per_s": rate * self.images_per_step}
+        now = self.clock()
+        if self.last_time is not None and step > self.last_step:
+            rate = (step - self.last_step) / max(now - self.last_time - self.paused_time, 1e-9)
+            metrics = {**metrics, "steps_per_s": rate, "images_per_s": rate * self.images_per_step}
+            self.last_step, self.last_time, self.paused_time = step, now, 0.0
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
-        short = {"loss": f"{metrics['loss']:.4f}", "steps/s": f"{rate:.2f}", "img/s": f"{metrics['images_per_s']:.1f}"}
+        short = {"loss": f"{metrics['loss']:.4f}"}
+        if "steps_per_s" in metrics:
+            short.update({"steps/s": f"{metrics['steps_per_s']:.2f}", "img/s": f"{metrics['images_per_s']:.1f}"})
         self.bar.set_postfix(short, refresh=False)
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
 

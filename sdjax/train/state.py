@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import struct
 from flax.training import train_state
 
@@ -119,15 +120,60 @@ def save_checkpoint(ckpts: checkpoint.Checkpoints, state: TrainState, step: int,
     ckpts.save(step, items, meta)
 
 
-def restore_checkpoint(ckpts: checkpoint.Checkpoints, target: TrainState) -> tuple[TrainState, int, jax.Array]:
-    """(state, optimizer step, rng) from the latest checkpoint. ``target`` gives the structure and, with
-    ``jax.ShapeDtypeStruct`` leaves that carry shardings, where each array goes: each process then reads only its
-    devices' shards, whatever mesh wrote the checkpoint. Numpy-like leaves restore host arrays."""
+def restore_checkpoint(
+    ckpts: checkpoint.Checkpoints, target: TrainState, step: int | None = None
+) -> tuple[TrainState, int, jax.Array]:
+    """(state, optimizer step, rng) from checkpoint ``step`` (default: the latest). ``target`` gives the structure
+    and, with ``jax.ShapeDtypeStruct`` leaves that carry shardings, where each array goes: each process then reads
+    only its devices' shards, whatever mesh wrote the checkpoint. Numpy-like leaves restore host arrays."""
     targets = {"params": target.params, "opt_state": target.opt_state}
     if target.ema_params is not None:
         targets["ema_params"] = target.ema_params
-    items, meta = ckpts.restore(targets)
+    items, meta = ckpts.restore(targets, step)
     step = np.int32(meta["data_position"])
     sharding = getattr(target.step, "sharding", None)
     state = target.replace(step=step if sharding is None else parallel.place(step, sharding), **items)
     return state, int(meta["step"]), jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
+
+
+def restore_newest(ckpts: checkpoint.Checkpoints, target: TrainState) -> tuple[TrainState, int, jax.Array]:
+    """:func:`restore_checkpoint` of the newest checkpoint that restores. Newer ones that do not (a truncated or
+    damaged file) are moved aside (``Checkpoints.set_aside``: never deleted) with one warning line each; when none
+    restores, ``checkpoint.CheckpointError`` names the newest one's error and nothing is moved."""
+    failed: list[tuple[int, str]] = []
+    for step in reversed(ckpts.all_steps()):
+        try:
+            restored = restore_checkpoint(ckpts, target, step)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise bare Exception for unreadable files
+            restored, ok = None, False
+            failed.append((step, _first_line(e)))
+        if jax.process_count() > 1:  # every process must resume from the same step
+            from jax.experimental import multihost_utils
+
+            ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+            if not ok and restored is not None:
+                failed.append((step, "it does not restore on another process"))
+        if ok:
+            break
+    else:
+        step, error = failed[0]
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {ckpts.directory} restores; the newest, step {step}, fails with: {error}. Nothing was "
+            "changed: restore the files, or start again with a new --workdir"
+        )
+    for bad, error in failed:
+        if bad > step:
+            moved = ckpts.set_aside(bad)
+            logging.warning("checkpoint step %d does not restore (%s): moved to %s; resuming from step %d",
+                            bad, error, moved, step)  # fmt: skip
+    return restored
+
+
+def _first_line(error: BaseException) -> str:
+    # TensorStore wraps the readable cause ("OUT_OF_RANGE: Error reading ... in OCDBT database at ...") in a
+    # generic "Encountered error while reading array index" Exception.
+    while error.__cause__ is not None:
+        error = error.__cause__
+    line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {line[:300]}"
