@@ -224,3 +224,13 @@ def test_shapes64_demo_repaints_the_circle_as_a_blue_square_and_keeps_the_rest()
     print(f"outside the mask: mean abs change {change[:, ~mask].mean(1)}, beyond 4 px {change[:, far].mean(1)}")
     assert change[:, ~mask].mean() < 0.05 and change[:, ~mask].mean(1).max() < 0.1
     assert change[:, far].mean(1).max() < 0.03
+
+
+def test_a_progress_bar_run_inpaints_the_same(tiny_pipe):
+    """--progress runs start / one step / finish as separate programs: the tasks' derived inputs (the encoded init
+    image) pass from the start program to every step."""
+    image, mask = _image_and_mask()
+    kwargs = dict(init_image=image, mask_image=mask, num_inference_steps=3, height=SIZE, width=SIZE, strength=0.75)
+    np.testing.assert_allclose(
+        tiny_pipe.generate(PROMPTS[:1], progress=True, **kwargs), tiny_pipe.generate(PROMPTS[:1], **kwargs), atol=1e-6
+    )
