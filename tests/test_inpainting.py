@@ -90,7 +90,12 @@ def _compare(ours, ref, what):
 
 @pytest.mark.parametrize(
     "channels, strength",
-    [("9", 1.0), ("4", 1.0), pytest.param("9", 0.75, marks=pytest.mark.slow), ("4", 0.75)],
+    [
+        ("9", 1.0),
+        pytest.param("4", 1.0, marks=pytest.mark.slow),
+        pytest.param("9", 0.75, marks=pytest.mark.slow),
+        ("4", 0.75),
+    ],  # one fast case of each kind of model, one of each start (noise, noised init)
 )
 def test_sd_inpainting_matches_diffusers(sd_folders, channels, strength, monkeypatch):
     folder = sd_folders[channels]
