@@ -4,6 +4,9 @@
     python sample.py --model path/to/stable-diffusion-v1-5 --prompt "an astronaut riding a horse" \\
         --negative-prompt "blurry" --num-images 4 --steps 50 --guidance 7.5 --sampler dpmpp_2m --out out/
     python sample.py --model DIR --prompt "..." --init-image photo.png --strength 0.6 --out out/
+    python sample.py --model DIR --prompt "..." --init-image photo.png --mask mask.png --out out/  # inpainting
+    python sample.py --model DIR --prompt "..." --controlnet control_v11p_sd15_canny --control-image edges.png \\
+        --control-scale 0.8 --out out/
     python sample.py --model stable-diffusion-xl-base-1.0 --refiner stable-diffusion-xl-refiner-1.0 \\
         --high-noise-frac 0.8 --prompt "an astronaut riding a horse" --steps 40 --dtype bfloat16 --out out/
 
@@ -12,7 +15,9 @@ checkpoint (it gets the built-in CLIP tokenizer, or --tokenizer DIR; --predictio
 768-v); without it, the shipped shapes64 model (sdjax/shapes64/model). --sampler and --guidance default to the
 model's (SD: ddim, 7.5; SDXL: its scheduler's sampler, euler, and 5.0). With --refiner, the --model SDXL base
 runs the first --high-noise-frac of the schedule and the refiner the rest, on the base's latents (diffusers'
-"ensemble of expert denoisers").
+"ensemble of expert denoisers"). --mask (white = repaint) inpaints --init-image, with an inpainting model or an
+ordinary one. --controlnet, --control-image and --control-scale are repeatable (one image per ControlNet; one scale
+for all or one each); they combine with --init-image and --mask.
 Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance in its text metadata) and
 grid.png, and prints the compile time and the time per image.
 """
@@ -100,13 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="single-file checkpoints only: v_prediction for SD 2.x 768-v (not recorded in the weights)",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="params and compute dtype")
-    parser.add_argument("--init-image", default=None, help="image file for image-to-image")
-    parser.add_argument(
-        "--strength",
-        type=float,
-        default=None,
-        help="with --init-image: share re-run (default: 0.75)",
-    )
+    _add_task_flags(parser)
     parser.add_argument("--progress", action="store_true", help="show a progress bar over the sampling steps")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -117,12 +116,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_task_flags(parser: argparse.ArgumentParser) -> None:
+    """img2img, inpainting and ControlNet options."""
+    parser.add_argument("--init-image", default=None, help="image file for image-to-image")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --init-image: share re-run (default: 0.75; with --mask 1.0, SDXL 0.3 / 0.9999)",
+    )
+    parser.add_argument("--mask", default=None, help="with --init-image: inpainting mask file, white = repaint")
+    parser.add_argument("--controlnet", action="append", default=None, help="ControlNet folder or file (repeatable)")
+    parser.add_argument(
+        "--control-image", action="append", default=None, help="control image file, one per --controlnet"
+    )
+    parser.add_argument(
+        "--control-scale", action="append", type=float, default=None, help="one, or one per --controlnet (default: 1.0)"
+    )
+
+
 # Options that only act in one mode, with the mode they need (checked before loading; the others after it).
 _NEEDS = {
     "strength": ("--strength", "init_image", "image-to-image: pass --init-image FILE too"),
+    "mask": ("--mask", "init_image", "inpainting the --init-image: pass --init-image FILE too"),
+    "control_image": ("--control-image", "controlnet", "ControlNet guidance: pass --controlnet PATH too"),
+    "control_scale": ("--control-scale", "controlnet", "ControlNet guidance: pass --controlnet PATH too"),
     "high_noise_frac": ("--high-noise-frac", "refiner", "the SDXL base -> refiner hand-off: pass --refiner PATH too"),
 }
-DEFAULTS = {"strength": 0.75, "high_noise_frac": 0.8, "eta": 0.0}  # after the checks above
+DEFAULTS = {"high_noise_frac": 0.8, "eta": 0.0}  # after the checks above (--strength: the model's)
 FLAGS = {"guidance_scale": "--guidance", "eta": "--eta", "strength": "--strength", "seed": "--seed",
          "num_images_per_prompt": "--num-images"}  # fmt: skip
 
@@ -143,7 +164,9 @@ def check_args(args: argparse.Namespace) -> None:
     for name, default in DEFAULTS.items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     guidance = 1.0 if args.guidance is None else args.guidance
-    pipeline.check_generate_args(guidance, args.eta, args.strength, args.seed, args.num_images, FLAGS)
+    strength = 1.0 if args.strength is None else args.strength
+    pipeline.check_generate_args(guidance, args.eta, strength, args.seed, args.num_images, FLAGS)
+    check_task_files(args)
     if args.refiner is not None and not 0 < args.high_noise_frac < 1:
         raise ValueError(f"--high-noise-frac must be a finite number in (0, 1), got {args.high_noise_frac}")
     if (args.tokenizer or args.prediction_type) and Path(args.model or DEFAULT_MODEL).is_dir():
@@ -158,8 +181,6 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0 < value <= pipeline.MAX_IMAGE_SIDE:
             raise ValueError(f"--{name} must be in [1, {pipeline.MAX_IMAGE_SIDE}] pixels, got {value}")
-    if args.init_image is not None:
-        pipeline.read_image(args.init_image)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -171,6 +192,24 @@ def check_args(args: argparse.Namespace) -> None:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"--out {out} is not a writable folder: {e.strerror}") from e
+
+
+def check_task_files(args: argparse.Namespace) -> None:
+    """ValueError (one line) for unreadable image files and --controlnet / --control-image / --control-scale
+    counts that differ."""
+    from sdjax.images import read_image
+
+    if args.refiner is not None and (args.mask or args.controlnet):
+        raise ValueError("--refiner continues a text-to-image run; it does not take --mask or --controlnet")
+    nets, images, scales = (len(getattr(args, name) or ()) for name in ("controlnet", "control_image", "control_scale"))
+    if nets != images:
+        raise ValueError(f"got {images} --control-image for {nets} --controlnet; pass one image per ControlNet")
+    if scales not in (0, 1, nets):
+        raise ValueError(f"got {scales} --control-scale for {nets} --controlnet; pass one, or one per ControlNet")
+    for what, path in [("init image", args.init_image), ("mask image", args.mask),
+                       *(("control image", p) for p in args.control_image or ())]:  # fmt: skip
+        if path is not None:
+            read_image(path, what)
 
 
 def scheduler_config(pairs: list[str] | None) -> dict[str, Any] | None:
@@ -211,7 +250,12 @@ def write_images(args: argparse.Namespace, model: Path, images: np.ndarray, nega
         if args.refiner:
             metadata.update(refiner=args.refiner, high_noise_frac=args.high_noise_frac)
         if args.init_image:
-            metadata.update(init_image=args.init_image, strength=args.strength)
+            metadata.update(init_image=args.init_image, strength=args.strength or "default")
+        if args.mask:
+            metadata.update(mask=args.mask)
+        if args.controlnet:
+            metadata.update(controlnet=json.dumps(args.controlnet), control_image=json.dumps(args.control_image),
+                            control_scale=json.dumps(args.control_scale or [1.0]))  # fmt: skip
         if args.scheduler_config:
             metadata.update(scheduler_config=json.dumps(args.scheduler_config))
         save_png(image, out / f"{i:04d}.png", metadata)
@@ -232,9 +276,11 @@ def load_models(args: argparse.Namespace, model: Path) -> tuple[Any, Any]:
     pipe = sdjax.from_pretrained(model, dtype, **{k: v for k, v in options.items() if v is not None})
     xl_only = {"--prompt-2": args.prompt_2, "--negative-prompt-2": args.negative_prompt_2, "--refiner": args.refiner}
     given = [flag for flag, value in xl_only.items() if value is not None]
-    if given and not isinstance(pipe, sdjax.StableDiffusionXL):
+    if given and pipe.family != "sdxl":
         verb = "applies" if len(given) == 1 else "apply"
         raise ValueError(f"{', '.join(given)} {verb} to SDXL models; {model} is Stable Diffusion 1.x / 2.x")
+    if args.controlnet:
+        args.controlnets = [sdjax.ControlNet.from_pretrained(path, dtype) for path in args.controlnet]
     if args.refiner is None:
         return pipe, None
     return pipe, sdjax.StableDiffusionXL.from_pretrained(args.refiner, dtype)
@@ -242,9 +288,8 @@ def load_models(args: argparse.Namespace, model: Path) -> tuple[Any, Any]:
 
 def _settings(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     """The sampler and guidance scale: the flags, else the model family's defaults."""
-    xl = hasattr(pipe, "default_sampler")
-    sampler = args.sampler or (pipe.default_sampler if xl else "ddim")
-    guidance = args.guidance if args.guidance is not None else (5.0 if xl else 7.5)
+    sampler = args.sampler or pipe.default_sampler
+    guidance = args.guidance if args.guidance is not None else pipe.default_guidance_scale
     check_modes(args, sampler, guidance)
     return {"sampler": sampler, "guidance_scale": guidance}
 
@@ -276,13 +321,15 @@ def generate(args: argparse.Namespace, pipe: Any, refiner: Any, negative: Any, s
         progress=args.progress,
         **settings,
     )
-    if hasattr(pipe, "default_sampler"):
+    if pipe.family == "sdxl":
         common.update(prompts_2=_one_or_list(args.prompt_2), negative_prompts_2=_one_or_list(args.negative_prompt_2))
     if refiner is None:
-        return pipe.generate(
-            args.prompt, height=args.height, width=args.width, init_image=args.init_image, strength=args.strength,
-            **common,
-        )  # fmt: skip
+        tasks = dict(init_image=args.init_image, strength=args.strength, mask_image=args.mask)
+        if args.controlnet:
+            scales = args.control_scale or [1.0]
+            tasks.update(controlnet=args.controlnets, control_image=args.control_image,
+                         controlnet_conditioning_scale=scales if len(scales) > 1 else scales[0])  # fmt: skip
+        return pipe.generate(args.prompt, height=args.height, width=args.width, **common, **tasks)
     latents = pipe.generate(
         args.prompt, height=args.height, width=args.width, denoising_end=args.high_noise_frac, output="latent",
         **common,

@@ -22,6 +22,8 @@ __all__ = [
     "from_pretrained",
 ]
 __version__ = "0.1.0"
+# The pipeline class of each model family, the one place a family is chosen (by sdjax.loading.family_of).
+FAMILIES = {"sd": "StableDiffusion", "sdxl": "StableDiffusionXL"}
 
 
 def __getattr__(name: str) -> Any:
@@ -76,5 +78,5 @@ def from_pretrained(path: Any, dtype: Any = None, variant: str | None = None, **
 
     from sdjax.loading import family_of
 
-    cls = __getattr__("StableDiffusionXL" if family_of(path) == "sdxl" else "StableDiffusion")
+    cls = __getattr__(FAMILIES[family_of(path)])
     return cls.from_pretrained(path, jnp.float32 if dtype is None else dtype, variant, **kwargs)

@@ -1,20 +1,19 @@
-"""The one compiled denoising function: guided model, start latents (txt2img / img2img), sampler scan, decode.
+"""The one compiled denoising function: guided model, start latents, sampler scan, decode; tasks hook into it.
 
 ``denoise(spec, params, scalars, inputs)`` is pure: everything static about a run is in the hashable
-:class:`DenoiseSpec` (networks, sampler plan, which branches run), everything else is an array. Per-example
-inputs (leading batch axis B):
+:class:`DenoiseSpec` (networks, sampler plan, which branches run, the tasks' static settings), everything else is
+an array. Per-example inputs (leading batch axis B):
 
   noise    float32 (B, h, w, C)   standard-normal initial noise
   keys     uint32 key data (B, ...)   image i's PRNG key (see :func:`image_keys`)
-  cond     dict of UNet keyword inputs, each (B, ...): {"encoder_hidden_states": (B, 77, D)}
+  cond     dict of UNet keyword inputs, each (B, ...): {"encoder_hidden_states": (B, 77, D)} (SDXL adds
+           text_embeds and time_ids; an LCM-distilled UNet timestep_cond)
   uncond   the same for the negative prompt (guided runs only)
-  init     float32 (B, H, W, 3) in [-1, 1], img2img only; with ``spec.init_latents`` diffusion latents
-           (B, h, w, C) instead (SDXL's refiner continuing the base model's output)
+  tasks    {task.key: that task's arrays} (:mod:`sdjax.tasks`: img2img's init image, inpainting's mask...)
 
-and scalars ``{"guidance": f32, "eta": f32, "guidance_rescale": f32}`` shared by the batch. A new denoiser input
-lands here and nowhere else: added conditioning (SDXL text_embeds / time_ids) is one more entry of ``cond``;
-inpainting's mask and masked latents are inputs concatenated to the model's latents in :func:`guided_model`;
-ControlNet residuals are computed from their own input inside :func:`guided_model` and passed to the UNet.
+params: {"unet", "vae", "tasks": {task.key: ...}}; scalars ``{"guidance": f32, "eta": f32, "guidance_rescale":
+f32}`` shared by the batch. A task (img2img, inpainting, ControlNet) lands in :mod:`sdjax.tasks` and takes part
+through its hooks (derive, start, before_model / after_step, model_inputs), never through a flag here.
 """
 
 from __future__ import annotations
@@ -28,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import latents, samplers
+from sdjax.tasks.base import ModelCall, Run
 
 TRACE_COUNT = 0  # how many times the denoising function was traced (compiled); tests read it
 
 # Image i's random streams all derive from fold_in(key(seed), i), each under its own tag, so that the initial
-# noise, the img2img posterior sample and the sampler's per-step noise are independent of one another.
+# noise, the posterior samples of init images (sdjax.tasks.img2img: 1, and 3 for inpainting's masked image) and the
+# sampler's per-step noise are independent of one another.
 INITIAL_NOISE, POSTERIOR, SAMPLER = 0, 1, 2
 
 
@@ -41,20 +42,16 @@ class DenoiseSpec:
     """What is static about a denoising run; with the input shapes and devices, the key of its compiled program.
 
     unet, vae: flax modules (hashable); plan: the sampler plan; guided: classifier-free guidance (two branches
-    per evaluation); img2img: start from ``inputs["init"]`` noised to the plan's first step; init_latents: that
-    input is already latents (no VAE encode); add_noise: False starts from it as it is (a plan made with
-    ``denoising_start`` continuing another model's partly denoised latents); rescale: apply ``guidance_rescale``
-    (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4); decode: False returns the final latents, not images;
-    upcast_params: cast the (16-bit) params to float32 once, before the loop, for float32 networks (the CPU's
-    fast path)."""
+    per evaluation); tasks: the run's :class:`sdjax.tasks.Task` s, in hook order; rescale: apply
+    ``guidance_rescale`` (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4); decode: False returns the final latents,
+    not images; upcast_params: cast the (16-bit) params to float32 once, before the loop, for float32 networks
+    (the CPU's fast path)."""
 
     unet: Any
     vae: Any
     plan: samplers.SamplerPlan
     guided: bool
-    img2img: bool = False
-    init_latents: bool = False
-    add_noise: bool = True
+    tasks: tuple = ()
     rescale: bool = False
     decode: bool = True
     upcast_params: bool = False
@@ -96,58 +93,50 @@ def guidance_scale_embedding(w: jax.Array, embedding_dim: int) -> jax.Array:
     return jnp.pad(emb, ((0, 0), (0, embedding_dim % 2)))
 
 
-def guided_model(spec: DenoiseSpec, params: Any, inputs: dict, scalars: dict) -> samplers.ModelFn:
-    """The sampler's model: (x (B, h, w, C) float32, t, **extra) -> float32 UNet output, with classifier-free
+def guided_model(run: Run) -> samplers.ModelFn:
+    """The sampler's model: (x (B, h, w, C_in) float32, t, **extra) -> float32 UNet output, with classifier-free
     guidance uncond + guidance * (cond - uncond) when ``spec.guided`` (one UNet call on the 2B batch), rescaled by
-    ``scalars["guidance_rescale"]`` when ``spec.rescale``. ``extra``: more UNet keyword inputs of batch B from
-    the sampling hooks (:class:`sdjax.samplers.Hooks`), the same for both guidance branches."""
+    ``scalars["guidance_rescale"]`` when ``spec.rescale``. ``extra``: the tasks' ``before_model`` extras (B, ...),
+    which the tasks' ``model_inputs`` read (:class:`sdjax.tasks.ModelCall`); the UNet gets the conditioning and
+    what ``model_inputs`` give."""
+    spec, params, inputs, scalars = run.spec, run.params, run.inputs, run.scalars
     unet, guidance = spec.unet, scalars["guidance"]
+    branches = ("uncond", "cond") if spec.guided else ("cond",)
 
-    def call(x, t, cond):
-        return unet.apply({"params": params["unet"]}, x.astype(unet.dtype), t, **cond).astype(jnp.float32)
+    def stack(*trees):
+        return jax.tree.map(lambda *a: jnp.concatenate(a) if len(a) > 1 else a[0], *trees)
 
     def model_fn(x, t, **extra):
+        call = ModelCall(stack(*[x] * len(branches)), t, stack(*(inputs[b] for b in branches)),
+                         stack(*[extra] * len(branches)), branches)  # fmt: skip
+        unet_inputs = dict(call.cond)
+        for task in spec.tasks:
+            unet_inputs |= task.model_inputs(run, call)
+        out = unet.apply({"params": params["unet"]}, call.x.astype(unet.dtype), t, **unet_inputs)
+        out = out.astype(jnp.float32)
         if not spec.guided:
-            return call(x, t, {**inputs["cond"], **extra})
-        both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), inputs["uncond"], inputs["cond"])
-        both |= jax.tree.map(lambda e: jnp.concatenate([e, e]), extra)
-        out_uncond, out_cond = jnp.split(call(jnp.concatenate([x, x]), t, both), 2)
+            return out
+        out_uncond, out_cond = jnp.split(out, 2)
         guided = out_uncond + guidance * (out_cond - out_uncond)
         return rescale_guidance(guided, out_cond, scalars["guidance_rescale"]) if spec.rescale else guided
 
     return model_fn
 
 
-def start_latents(spec: DenoiseSpec, params: Any, inputs: dict) -> jax.Array:
-    """x at the plan's first step, float32 (B, h, w, C): the scaled noise (txt2img), or the init image's
-    latents (a posterior sample, or latents given as they are) noised to that step (img2img) unless
-    ``spec.add_noise`` is False."""
-    if not spec.img2img:
-        return samplers.initial_latents(spec.plan, inputs["noise"])
-    if spec.init_latents:
-        x0 = inputs["init"].astype(jnp.float32)
-    else:
-        keys = _tagged(jax.random.wrap_key_data(inputs["keys"]), POSTERIOR)
-        vae, init = spec.vae, inputs["init"]
-        shape = latents.latent_shape(vae, init.shape[1], init.shape[2])
-        eps = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
-        x0 = latents.encode(vae, params["vae"], init, eps)
-    return samplers.noised_latents(spec.plan, x0, inputs["noise"]) if spec.add_noise else x0
-
-
 def denoise(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, hooks: tuple = ()) -> jax.Array:
-    """The whole run: start latents, ``spec.plan`` as one ``lax.scan`` over the guided model, VAE decode.
+    """The whole run: the tasks' derived arrays and start latents, ``spec.plan`` as one ``lax.scan`` over the
+    guided model, VAE decode.
 
-    params: {"unet": ..., "vae": ...}; scalars: {"guidance", "eta"} float32 scalars; inputs: as the module
-    docstring; hooks: the tasks' sampling hooks (:class:`sdjax.samplers.Hooks`, built from ``inputs`` arrays inside
-    the trace). Returns float32 images (B, H, W, 3) in [0, 1], or, when ``spec.decode`` is False, the final float32
-    latents (B, h, w, C). :class:`SteppedDenoise` runs the same three parts as separate programs.
+    params, scalars, inputs: as the module docstring; hooks: more sampling hooks (:class:`sdjax.samplers.Hooks`)
+    after the tasks'. Returns float32 images (B, H, W, 3) in [0, 1], or, when ``spec.decode`` is False, the final
+    float32 latents (B, h, w, C). :class:`SteppedDenoise` runs the same parts as separate programs.
     """
     global TRACE_COUNT
     TRACE_COUNT += 1  # Python side effect: runs once per trace, never at run time (tested)
     params = compute_params(spec, params)
-    carry = start(spec, params, scalars, inputs)
-    return finish(spec, params, steps(spec, params, scalars, inputs, carry, samplers.plan_rows(spec.plan), hooks))
+    carry, derived = start(spec, params, scalars, inputs)
+    rows = samplers.plan_rows(spec.plan)
+    return finish(spec, params, steps(spec, params, scalars, inputs, derived, carry, rows, hooks))
 
 
 def compute_params(spec: DenoiseSpec, params: Any) -> Any:
@@ -156,18 +145,36 @@ def compute_params(spec: DenoiseSpec, params: Any) -> Any:
     return jax.tree.map(lambda a: a.astype(jnp.float32), params) if spec.upcast_params else params
 
 
-def start(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict) -> tuple:
-    """The sampler loop's carry before its first evaluation: (start latents, sampler state)."""
-    return samplers.initial_carry(spec.plan, start_latents(spec, params, inputs))
+def start(spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict) -> tuple[tuple, dict]:
+    """(the sampler loop's carry before its first evaluation: (start latents, sampler state), the tasks' derived
+    arrays). The start latents are the scaled noise unless a task gives them (img2img, inpainting)."""
+    run = Run(spec, params, scalars, inputs, {})
+    derived = {task.key: task.derive(run) for task in spec.tasks}
+    run = run._replace(derived=derived)
+    noise = inputs["noise"].astype(jnp.float32)
+    starts = [x for x in (task.start(run, noise) for task in spec.tasks) if x is not None]
+    if len(starts) > 1:
+        raise ValueError(f"more than one task of {[t.key for t in spec.tasks]} gives the start latents")
+    x = starts[0] if starts else samplers.initial_latents(spec.plan, noise)
+    return samplers.initial_carry(spec.plan, x), derived
 
 
 def steps(
-    spec: DenoiseSpec, params: Any, scalars: dict, inputs: dict, carry: tuple, rows: Any, hooks: tuple = ()
+    spec: DenoiseSpec,
+    params: Any,
+    scalars: dict,
+    inputs: dict,
+    derived: dict,
+    carry: tuple,
+    rows: Any,
+    hooks: tuple = (),
 ) -> tuple:
-    """The sampler evaluations ``rows`` (:func:`sdjax.samplers.plan_rows` or a slice) on the guided model."""
-    model_fn = guided_model(spec, params, inputs, scalars)
+    """The sampler evaluations ``rows`` (:func:`sdjax.samplers.plan_rows` or a slice) on the guided model, with
+    the tasks' hooks then ``hooks``."""
+    run = Run(spec, params, scalars, inputs, derived)
+    all_hooks = (*(task.hooks(run) for task in spec.tasks), *hooks)
     keys = _tagged(jax.random.wrap_key_data(inputs["keys"]), SAMPLER)
-    return samplers.sample_steps(spec.plan, model_fn, carry, rows, keys, eta=scalars["eta"], hooks=hooks)
+    return samplers.sample_steps(spec.plan, guided_model(run), carry, rows, keys, eta=scalars["eta"], hooks=all_hooks)
 
 
 def finish(spec: DenoiseSpec, params: Any, carry: tuple) -> jax.Array:
@@ -213,7 +220,7 @@ class SteppedDenoise:
         self.spec, self.num_devices = spec, num_devices
         self.programs = {
             "start": _per_device(functools.partial(start, spec), num_devices, (0, None, 0)),
-            "step": _per_device(functools.partial(steps, spec), num_devices, (0, None, 0, 0, None)),
+            "step": _per_device(functools.partial(steps, spec), num_devices, (0, None, 0, 0, 0, None)),
             "finish": _per_device(functools.partial(finish, spec), num_devices, (0, 0)),
         }
         if spec.upcast_params:
@@ -227,9 +234,10 @@ class SteppedDenoise:
             compiled["upcast"] = compile_fn("upcast", self.programs["upcast"], (params,))
             params = jax.eval_shape(self.programs["upcast"], params)
         compiled["start"] = compile_fn("start", self.programs["start"], (params, scalars, inputs))
-        carry = jax.eval_shape(self.programs["start"], params, scalars, inputs)
+        carry, derived = jax.eval_shape(self.programs["start"], params, scalars, inputs)
         row = jax.tree.map(lambda r: r[:1], samplers.plan_rows(self.spec.plan))
-        compiled["step"] = compile_fn("step", self.programs["step"], (params, scalars, inputs, carry, row))
+        step_args = (params, scalars, inputs, derived, carry, row)
+        compiled["step"] = compile_fn("step", self.programs["step"], step_args)
         compiled["finish"] = compile_fn("finish", self.programs["finish"], (params, carry))
         return functools.partial(self._run, compiled)
 
@@ -238,13 +246,13 @@ class SteppedDenoise:
 
         if "upcast" in compiled:
             params = compiled["upcast"](params)
-        carry = compiled["start"](params, scalars, inputs)
+        carry, derived = compiled["start"](params, scalars, inputs)
         rows = jax.tree.map(np.asarray, samplers.plan_rows(self.spec.plan))
         total = self.spec.plan.num_evaluations
         with tqdm(total=total, desc="sampling", leave=False) as bar:
             for i in range(total):
                 row = jax.tree.map(lambda values: values[i : i + 1], rows)  # noqa: B023 - used at once
-                carry = compiled["step"](params, scalars, inputs, carry, row)
+                carry = compiled["step"](params, scalars, inputs, derived, carry, row)
                 jax.block_until_ready(carry)  # the bar follows finished evaluations, not queued ones
                 bar.update(1)
         return compiled["finish"](params, carry)

@@ -69,16 +69,17 @@ def load_image(image: Any, height: int, width: int) -> jax.Array:
     return jnp.asarray(array * 2.0 - 1.0)
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully reads an image file; PipelineError naming the file when it is not a readable image."""
+def read_image(path: str | os.PathLike, what: str = "init image") -> Image.Image:
+    """Opens and fully reads an image file; PipelineError naming the file (as ``what``) when it is not a readable
+    image."""
     try:
         with Image.open(path) as f:
             f.load()
             return f.copy()
     except Image.DecompressionBombError as e:  # a small file that would decode to gigabytes
-        raise PipelineError(f"init image {path} is refused: {str(e).rstrip('.')}; resize it below that") from None
+        raise PipelineError(f"{what} {path} is refused: {str(e).rstrip('.')}; resize it below that") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise PipelineError(f"init image {path} cannot be read as an image: {e}") from e
+        raise PipelineError(f"{what} {path} cannot be read as an image: {e}") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

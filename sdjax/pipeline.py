@@ -1,28 +1,35 @@
-"""``StableDiffusion``: the public pipeline class over the loaders, the latent codec and the denoise function.
+"""``StableDiffusion`` (1.x / 2.x): the public pipeline class over the loaders, the text encoder and the shared
+generation core (:mod:`sdjax.generation`: one compiled denoise function for every family and task).
 
-The whole denoising loop (both guidance branches, the sampler update) and the VAE decode run in one compiled
-function (:mod:`sdjax.denoise`), pmapped over the local devices. Prompt, negative prompt, seed, guidance scale
-and eta are traced values: changing them reuses the compiled function.
+Prompt, negative prompt, seed, guidance scale, eta, init image, mask and control images are traced values:
+changing them reuses the compiled function.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import denoise, loading, parallel, platform, samplers, schedule, tokenizer
-from sdjax import latents as latents_lib
+from sdjax import conditioning, generation, loading, schedule, tokenizer
+from sdjax.addons import AddOns
+from sdjax.arguments import (
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    check_clip_skip,
+    check_generate_args,
+    check_text,
+    negative_prompt_list,
+    prompt_list,
+    repeat,
+)
 from sdjax.errors import PipelineError
-from sdjax.images import load_image, read_image
+from sdjax.images import read_image
 from sdjax.loading import folders, lora, textual_inversion
 
 __all__ = [
@@ -35,35 +42,25 @@ __all__ = [
     "read_image",
 ]
 
-OUTPUTS = ("image", "latent")  # what generate() returns: decoded images, or the final diffusion latents
 # Weight dtypes save_pretrained writes (safetensors' numpy API has no bfloat16).
 _SAVE_DTYPES = {"float32": np.float32, "float16": np.float16}
-# Largest image side generate() accepts (pixels): SDXL's 1024 four times over; the activations of bigger images
-# do not fit an accelerator's memory, and XLA's shape arithmetic overflows far beyond.
-MAX_IMAGE_SIDE = 4096
-MAX_SEED = 2**63 - 1
 
 
-class DiffusionPipeline:
-    """What every family's pipeline shares: the generation core over :func:`sdjax.denoise.denoise` (argument
-    checks, plan, noise, init image or latents, one compiled program per shape, devices, memory checks) and
-    folder writing. A family class (:class:`StableDiffusion`, :class:`sdjax.sdxl.StableDiffusionXL`) adds its
-    networks, its prompt encoding (the UNet's conditioning inputs) and its ``generate`` signature."""
+class DiffusionPipeline(AddOns):
+    """What every family's pipeline shares: add-ons (:class:`sdjax.addons.AddOns`), the generation core
+    (:func:`sdjax.generation.generate`) and folder writing. A family class (:class:`StableDiffusion`,
+    :class:`sdjax.sdxl.StableDiffusionXL`) adds its networks, its prompt encoding (the UNet's conditioning
+    inputs) and its ``generate`` signature."""
 
+    family: ClassVar[str]  # "sd" or "sdxl": what loading (sdjax.loading.family_of) and sample.py dispatch on
+    default_guidance_scale: ClassVar[float]
     unet: Any
     vae: Any
-    params: dict[str, Any]
     schedule: schedule.ScheduleConfig
     scheduler_class: str
     _replicated: dict[str, Any]
     _compiled: dict[Any, Any]
     last_timings: dict[str, float]
-    _lora: Any  # add-ons: the loaded LoRAs (sdjax.loading.lora.LoraState) or None
-
-    @property
-    def modules(self) -> dict[str, Any]:
-        """The networks by component name ("unet", "vae", "text_encoder", ...)."""
-        raise NotImplementedError  # each family lists its own
 
     @property
     def embeds_guidance(self) -> int | None:
@@ -83,283 +80,6 @@ class DiffusionPipeline:
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel (8 for SD), the VAE's ``downsampling_factor``."""
         return self.vae.config.downsampling_factor
-
-    # ------------------------------------------------------------------------------------------- add-ons
-    # LoRA and textual inversion: thin methods over sdjax.loading.lora / .textual_inversion ("params in, params
-    # out"), mutating the pipeline as diffusers does. A LoRA is merged into the params (see lora.py's docstring).
-
-    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None) -> None:
-        """Loads a kohya / A1111 or diffusers / PEFT LoRA ``.safetensors`` file (or a folder holding
-        ``pytorch_lora_weights.safetensors``) as adapter ``adapter_name`` (default ``default_N``) and makes it the
-        only active one, with weight ``scale`` (as diffusers). Nothing changes when it raises PipelineError."""
-        state = self._lora or lora.LoraState(base=dict(self.params))
-        name = lora.default_adapter_name(self._lora) if adapter_name is None else adapter_name
-        adapter = lora.read_adapter(path, name, self.modules, state.base)
-        self._set_lora(lora.add_adapter(state, adapter, scale))
-
-    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
-        """Activates exactly the LoRAs ``names`` with ``weights`` (one per name, one for all, None: 1.0), as
-        diffusers' ``set_adapters``; re-merges from the original params (no recompile)."""
-        self._set_lora(lora.set_adapters(self._lora, names, weights))
-
-    def unload_lora_weights(self) -> None:
-        """Removes every LoRA: the params become the ones loaded before the first LoRA (the same arrays)."""
-        if self._lora is not None:
-            self.params, self._lora = dict(self._lora.base), None
-
-    @property
-    def active_adapters(self) -> dict[str, float]:
-        """The active LoRAs and their weights."""
-        return dict(self._lora.active) if self._lora else {}
-
-    def _set_lora(self, state: lora.LoraState) -> None:
-        self.params, self._lora = lora.merged_params(state), state
-
-    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> None:
-        """Loads an A1111 (``emb_params``) or diffusers (``{token: vectors}``) embedding ``.safetensors`` (SDXL:
-        its ``clip_l`` / ``clip_g`` parts into the matching text encoders): each tokenizer gets ``token``
-        (default: the diffusers file's token, the A1111 file's name) and, for an n-vector embedding,
-        ``token_1 .. token_{n-1}``; each text encoder's embedding table grows by n rows. Prompts containing
-        ``token`` use all n vectors (see :func:`textual_inversion.expand_prompt`). Nothing changes when it
-        raises PipelineError."""
-        read = [
-            (encoder, tokenizer_name, textual_inversion.read_embedding(
-                path, token, self._tokenizer(tokenizer_name), getattr(self, encoder), part
-            ))
-            for encoder, tokenizer_name, part in self.text_encoder_slots
-        ]  # fmt: skip
-        for encoder, tokenizer_name, (tokens, vectors) in read:
-            tok = self._tokenizer(tokenizer_name)
-            module, params = textual_inversion.grow_token_embedding(
-                getattr(self, encoder), self.params[encoder], tok, tokens, vectors
-            )
-            if self._lora is not None:  # a later re-merge starts from the base params: they need the new rows too
-                _, base = textual_inversion.grow_token_embedding(
-                    getattr(self, encoder), self._lora.base[encoder], tok, tokens, vectors
-                )
-                self._lora = lora.with_base(self._lora, encoder, base)
-            setattr(self, encoder, module)
-            self.params = {**self.params, encoder: params}
-            self._set_tokenizer(tokenizer_name, textual_inversion.add_tokens(tok, tokens))
-
-    @property
-    def text_encoder_slots(self) -> list[tuple[str, str, str | None]]:
-        """(text encoder attribute, tokenizer name, SDXL embedding part) per text encoder of the pipeline."""
-        raise NotImplementedError  # each family lists its own
-
-    def _tokenizer(self, name: str) -> Any:
-        raise NotImplementedError
-
-    def _set_tokenizer(self, name: str, tok: Any) -> None:
-        raise NotImplementedError
-
-    def _sample(
-        self,
-        conditions: Any,
-        n: int,
-        *,
-        num_inference_steps: int,
-        guidance_scale: float,
-        sampler: str,
-        seed: int,
-        height: int | None,
-        width: int | None,
-        latents: Any,
-        eta: float,
-        init_image: Any,
-        strength: float,
-        use_karras_sigmas: bool | None,
-        progress: bool,
-        guidance_rescale: float = 0.0,
-        denoising_start: float | None = None,
-        denoising_end: float | None = None,
-        output: str = "image",
-        scheduler_config: dict[str, Any] | None = None,
-    ) -> np.ndarray:
-        """The generation core: ``n`` images (or latents), conditioned by ``conditions(guided, height, width)``, a
-        family's function returning ``{"cond": {...}, "uncond": {...}}`` of UNet keyword inputs (B = n, the
-        prompts already repeated per image). Other arguments as ``StableDiffusion.generate``."""
-        _check_unet_input(self.unet.config, self.vae.config.latent_channels)
-        check_generate_args(guidance_scale, eta, strength, seed, 1)
-        _finite_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
-        _check_steps(num_inference_steps, self.schedule.num_train_timesteps)
-        if use_karras_sigmas is not None and not isinstance(use_karras_sigmas, bool):
-            raise PipelineError(f"use_karras_sigmas must be True, False or None, got {use_karras_sigmas!r}")
-        if output not in OUTPUTS:
-            raise PipelineError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
-        init_latents = _is_latents(init_image)
-        if init_latents and height is None and width is None:
-            height, width = (side * self.vae_scale_factor for side in np.shape(init_image)[1:3])
-        height, width = self._image_size(height, width)
-        self._check_host_memory(n, height, width)
-        img2img = init_image is not None
-        if denoising_start is not None and not img2img:
-            raise PipelineError(
-                "denoising_start continues a partly denoised run: pass its latents as init_image (the output of "
-                'generate(..., denoising_end=..., output="latent"))'
-            )
-        plan = _plan(
-            _schedule(self.schedule, scheduler_config),
-            sampler,
-            num_inference_steps,
-            strength if img2img and denoising_start is None else 1.0,  # denoising_start replaces strength
-            use_karras_sigmas,
-            denoising_start,
-            denoising_end,
-        )
-        _check_eta(sampler, eta)
-        embedded = self.embeds_guidance
-        guided = guidance_scale > 1.0 and not embedded
-        unet, vae = (_compute_module(m) for m in (self.unet, self.vae))
-        spec = denoise.DenoiseSpec(
-            unet,
-            vae,
-            plan,
-            guided=guided,
-            img2img=img2img,
-            init_latents=init_latents,
-            add_noise=denoising_start is None,
-            rescale=guided and guidance_rescale > 0,
-            decode=output == "image",
-            upcast_params=unet is not self.unet or vae is not self.vae,
-        )
-        keys = denoise.image_keys(seed, n)
-        shape = latents_lib.latent_shape(self.vae, height, width)
-        inputs = {
-            "noise": self._initial_noise(latents, keys, shape),
-            "keys": jax.random.key_data(keys),
-            **conditions(guided, height, width),
-        }
-        if embedded:  # LCM-distilled UNet: the guidance scale is a UNet input (traced: no recompile)
-            w = jnp.full((n,), guidance_scale - 1.0, jnp.float32)
-            cond = {**inputs["cond"], "timestep_cond": denoise.guidance_scale_embedding(w, embedded)}
-            inputs["cond"] = cond
-        if img2img:
-            inputs["init"] = self._init_input(init_image, n, height, width, shape if init_latents else None)
-        scalars = {
-            "guidance": jnp.float32(guidance_scale),
-            "eta": jnp.float32(eta),
-            "guidance_rescale": jnp.float32(guidance_rescale),
-        }
-        return self._run(spec, scalars, inputs, progress)
-
-    def _init_input(self, init_image: Any, n: int, height: int, width: int, latent_shape: tuple | None) -> jax.Array:
-        """The img2img start, (n, H, W, 3) images in [-1, 1], or (n, h, w, C) latents when ``latent_shape``."""
-        if latent_shape is None:
-            init = load_image(init_image, height, width)
-            return jnp.broadcast_to(init, (n, *init.shape))
-        init = np.asarray(init_image, np.float32)
-        if init.shape[1:] != latent_shape or init.shape[0] not in (1, n):
-            raise PipelineError(
-                f"init latents must have shape ({n}, {', '.join(map(str, latent_shape))}) (or a leading 1) for "
-                f"{n} images of {height}x{width}, got {init.shape}"
-            )
-        if not np.isfinite(init).all():
-            raise PipelineError("init latents contain NaN or inf")
-        return jnp.broadcast_to(jnp.asarray(init), (n, *latent_shape))
-
-    def _run(self, spec: denoise.DenoiseSpec, scalars: dict, inputs: dict, progress: bool) -> np.ndarray:
-        """Runs the compiled denoise function on the batch split over the local devices; float32 (N, H, W, 3)."""
-        n = inputs["noise"].shape[0]
-        # pmap spans every process's devices: a multi-process program (a training run's preview on host 0) samples
-        # on one local device, which needs no other process.
-        local = jax.local_device_count() if jax.process_count() == 1 else 1
-        devices = jax.local_devices()[: min(local, n)]
-        d, per_device = len(devices), -(-n // len(devices))
-        _check_memory(spec, devices[0], per_device, inputs["noise"].shape[1:3])
-        params = self._replicated_params(devices)
-        if d > 1:
-            inputs = jax.tree.map(lambda a: parallel.shard(a, d, per_device), inputs)
-        with _out_of_memory_as_error(n, devices[0]):
-            compiled, compile_s = self._compile(spec, devices, progress, (params, scalars, inputs))
-            start = time.perf_counter()
-            images = np.asarray(compiled(params, scalars, inputs), dtype=np.float32)
-        images = images.reshape(-1, *images.shape[-3:])[:n]
-        self.last_timings = {"compile_s": compile_s, "generate_s": time.perf_counter() - start, "images": n}
-        if not np.isfinite(images).all():
-            raise PipelineError(
-                "the sampler produced non-finite (NaN/inf) images; check the weights (a float16 model in "
-                "float16 can overflow: load it with dtype=float32 or bfloat16) and the latents / init image"
-            )
-        return images
-
-    def _compile(self, spec: denoise.DenoiseSpec, devices: list, progress: bool, args: tuple) -> tuple[Any, float]:
-        """The compiled denoise program for (spec, argument shapes, devices), compiled once per pipeline; returns
-        it and the compile seconds (0 when compiled before). Single-device programs go through the on-disk trace
-        cache (:mod:`sdjax.compile_cache`); pmap cannot. With ``progress``, :class:`sdjax.denoise.SteppedDenoise`."""
-        from sdjax import compile_cache
-
-        shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
-        key = (spec, progress, tuple(d.id for d in devices), shapes)
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        start = time.perf_counter()
-        platform.release_free_memory()  # earlier compiles' (the text encoder's) freed heap, before this one's peak
-
-        def compile_fn(name: str, fn: Any, fn_args: tuple) -> Any:
-            if len(devices) > 1:
-                return fn.lower(*fn_args).compile()
-            return compile_cache.compile_traced(f"{spec!r} {name}", fn, fn_args)
-
-        if progress:  # a host loop over the steps, each program cached on disk like the one-program run
-            self._compiled[key] = denoise.SteppedDenoise(spec, len(devices)).compile(*args, compile_fn)
-        else:
-            self._compiled[key] = compile_fn("denoise", denoise.compiled_denoise(spec, len(devices)), args)
-        platform.release_free_memory()  # the compiler's freed heap: 0.3-0.4 GiB of a sample's peak on the CPU
-        return self._compiled[key], time.perf_counter() - start
-
-    def _image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        factor = self.vae_scale_factor
-        default = self.unet.config.sample_size * factor
-        height = default if height is None else height
-        width = default if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise PipelineError(f"{name} must be an int (pixels), got {value!r}")
-        if height % factor or width % factor or not 0 < height <= MAX_IMAGE_SIDE or not 0 < width <= MAX_IMAGE_SIDE:
-            raise PipelineError(
-                f"height and width must be multiples of {factor} (the VAE's downsampling factor) in "
-                f"[{factor}, {MAX_IMAGE_SIDE}], got {height}x{width}"
-            )
-        return height, width
-
-    def _check_host_memory(self, n: int, height: int, width: int) -> None:
-        """PipelineError when the inputs and outputs of ``n`` images alone (text embeddings of both branches,
-        latents, float32 images on device and host) exceed the host's memory."""
-        h, w, c = latents_lib.latent_shape(self.vae, height, width)
-        context = max(self.unet.config.cross_attention_dims())
-        per_image = 4 * (2 * tokenizer.MAX_LENGTH * context + 4 * h * w * c + 2 * height * width * 3)
-        have = host_memory_bytes()
-        if have is not None and n * per_image > have:
-            raise PipelineError(
-                f"{n} images of {height}x{width} need more than the host's {have / 2**30:.1f} GiB for their inputs "
-                f"and outputs alone ({n * per_image / 2**30:.1f} GiB); generate them in smaller batches"
-            )
-
-    def _initial_noise(self, latents: Any, keys: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
-        n = keys.shape[0]
-        if latents is None:
-            return denoise.initial_noise(keys, shape)
-        latents = np.asarray(latents, np.float32)
-        if latents.shape != (n, *shape):
-            f = self.vae_scale_factor
-            raise PipelineError(f"latents must have shape {(n, *shape)} (N, H/{f}, W/{f}, C), got {latents.shape}")
-        if not np.isfinite(latents).all():
-            raise PipelineError("latents contain NaN or inf; pass finite standard-normal noise")
-        return jnp.asarray(latents)
-
-    def _replicated_params(self, devices: list[Any]) -> Any:
-        """The UNet and VAE params, one copy per device when there are several; replicated once per (device set,
-        params) and reused across generate() calls. Keyed on the params objects, so assigning new ``params``
-        (e.g. a training preview, a LoRA) replicates again."""
-        wanted = {"unet": self.params["unet"], "vae": self.params["vae"]}
-        if len(devices) == 1:
-            return wanted
-        key = (tuple(d.id for d in devices), id(wanted["unet"]), id(wanted["vae"]))
-        if key not in self._replicated:
-            self._replicated.clear()  # the cache holds ``wanted`` too, so the ids stay unique while it is used
-            self._replicated[key] = (wanted, parallel.replicate(wanted, devices))
-        return self._replicated[key][1]
 
     def _write_folder(self, path: str | os.PathLike, dtype: str, layout: Any, tokenizers: dict, options: dict) -> None:
         if dtype not in _SAVE_DTYPES:
@@ -399,6 +119,9 @@ class StableDiffusion(DiffusionPipeline):
     _compiled: dict[Any, Any] = field(default_factory=dict, repr=False)
     last_timings: dict[str, float] = field(default_factory=dict, repr=False)
     _lora: lora.LoraState | None = field(default=None, repr=False)  # add-ons: the loaded LoRAs
+    family: ClassVar[str] = "sd"
+    default_guidance_scale: ClassVar[float] = 7.5
+    default_sampler: ClassVar[str] = "ddim"
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -455,8 +178,8 @@ class StableDiffusion(DiffusionPipeline):
         layer norm), as diffusers."""
         prompts = [textual_inversion.expand_prompt(self.tokenizer, p) for p in prompts]
         ids = tokenizer.tokenize(self.tokenizer, prompts)
-        layer = None if clip_skip is None else -(_check_clip_skip(clip_skip, self.text_encoder) + 1)
-        return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids), layer)
+        layer = None if clip_skip is None else -(check_clip_skip(clip_skip, self.text_encoder) + 1)
+        return conditioning.sd_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids), layer)
 
     def _conditions(
         self, prompts: list[str], negative_prompts: list[str], guided: bool, clip_skip: int | None = None
@@ -484,7 +207,14 @@ class StableDiffusion(DiffusionPipeline):
         *,
         num_images_per_prompt: int = 1,
         init_image: Any = None,
-        strength: float = 0.75,
+        strength: float | None = None,
+        mask_image: Any = None,
+        controlnet: Any = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
         use_karras_sigmas: bool | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
@@ -492,269 +222,27 @@ class StableDiffusion(DiffusionPipeline):
         scheduler_config: dict[str, Any] | None = None,
         progress: bool = False,
     ) -> np.ndarray:
-        """Text-to-image (and image-to-image with ``init_image``).
-
-        Args:
-          prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
-          negative_prompts: one per prompt (or one for all); "" when None.
-          guidance_scale: classifier-free guidance weight; <= 1 runs the conditional branch only.
-          sampler: one of :data:`sdjax.samplers.SAMPLERS`.
-          seed: image i's noise depends only on (seed, i), whatever the number of devices.
-          latents: optional initial standard-normal noise (N, H/8, W/8, C), scaled by the sampler's initial sigma.
-          init_image: path, PIL image or array (H, W, 3) (uint8, or float in [0, 1]) for img2img, or diffusion
-            latents (N, H/8, W/8, C); ``strength`` in (0, 1] is the fraction of the schedule re-run on it.
-          guidance_rescale: in [0, 1], rescales the guided prediction towards the conditional one's std (Lin et
-            al. 2023, Sec. 3.4), as diffusers; 0 is off.
-          clip_skip: use the text encoder's k-th layer from the end (k >= 1), as diffusers.
-          output: "image", or "latent" for the final diffusion latents (N, H/8, W/8, C) without decoding.
-          scheduler_config: diffusers scheduler config fields for this call, over the model's
-            (``{"timestep_spacing": "trailing"}`` for a Lightning / Hyper-SD model); see docs/samplers.md.
-        Returns:
-          np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) * num_images_per_prompt.
+        """Text-to-image, image-to-image (``init_image``), inpainting (``init_image`` and ``mask_image``) and
+        ControlNet guidance (``controlnet`` and ``control_image``); the tasks combine. ``prompts``: one prompt or a
+        list, each giving ``num_images_per_prompt`` images; ``negative_prompts``: one per prompt (or one for all),
+        "" when None; ``clip_skip``: use the text encoder's k-th layer from the end (k >= 1), as diffusers; the
+        other arguments as :class:`sdjax.generation.Request`. Returns np.float32 (N, H, W, 3) in [0, 1],
+        N = len(prompts) * num_images_per_prompt (``output="latent"``: the latents (N, H/8, W/8, C)).
         """
-        prompts = _prompt_list("prompts", prompts)
+        prompts = prompt_list("prompts", prompts)
+        strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         self._check_negative_prompts(negative_prompts)
-        negative_prompts = _negative_prompts(negative_prompts, len(prompts))
+        negative_prompts = negative_prompt_list(negative_prompts, len(prompts))
 
-        def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:  # after the batch-size checks
-            texts = (_repeat(p, num_images_per_prompt) for p in (prompts, negative_prompts))
+        def conditions(guided: bool, height: int, width: int, img2img: bool) -> dict[str, Any]:
+            texts = (repeat(p, num_images_per_prompt) for p in (prompts, negative_prompts))
             return self._conditions(*texts, guided, clip_skip)
 
-        return self._sample(
-            conditions,
-            len(prompts) * num_images_per_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            sampler=sampler,
-            seed=seed,
-            height=height,
-            width=width,
-            latents=latents,
-            eta=eta,
-            init_image=init_image,
-            strength=strength,
-            use_karras_sigmas=use_karras_sigmas,
-            progress=progress,
-            guidance_rescale=guidance_rescale,
-            output=output,
-            scheduler_config=scheduler_config,
-        )
-
-
-# ----------------------------------------------------------------------------------------------- arguments
-
-
-def host_memory_bytes() -> int | None:
-    """Physical RAM of this host; None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def device_memory_bytes(device: Any) -> int | None:
-    """Memory of ``device``: the allocator's limit on accelerators, physical RAM on the CPU; None if unknown."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    return host_memory_bytes() if device.platform == "cpu" else None
-
-
-def _check_memory(spec: denoise.DenoiseSpec, device: Any, per_device: int, latent_hw: tuple[int, int]) -> None:
-    """PipelineError, before compiling, when the attention scores alone cannot fit the device (unfused attention
-    only: XLA's; cuDNN flash attention holds no score matrix)."""
-    from sdjax.models.layers import attention_implementation
-
-    if attention_implementation(spec.unet.dtype) is not None:
-        return
-    batch = per_device * (2 if spec.guided else 1)
-    need, have = denoise.attention_scores_bytes(spec.unet, batch, *latent_hw), device_memory_bytes(device)
-    if have is not None and need > have:
-        f = spec.vae.config.downsampling_factor
-        raise PipelineError(
-            f"{per_device} image(s) of {latent_hw[0] * f}x{latent_hw[1] * f} per device need at least "
-            f"{need / 2**30:.1f} GiB for the UNet's attention on {device.platform}, which has {have / 2**30:.1f} "
-            "GiB; use a smaller height/width or fewer images"
-        )
-
-
-@contextlib.contextmanager
-def _out_of_memory_as_error(n: int, device: Any):
-    """XLA's RESOURCE_EXHAUSTED (compile or run) -> one PipelineError line."""
-    try:
-        yield
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise PipelineError(
-            f"out of memory on {device.platform} generating {n} image(s): use a smaller height/width, fewer "
-            "images, or dtype=bfloat16"
-        ) from e
-
-
-def _check_unet_input(unet_config: Any, latent_channels: int) -> None:
-    """PipelineError unless the UNet denoises the VAE's latents alone: an inpainting UNet also reads the mask and
-    the masked image's latents, which only inpainting (init_image and mask_image) provides."""
-    if folders.is_inpainting(unet_config):
-        raise PipelineError(
-            f"this is an inpainting model (UNet in_channels {unet_config.in_channels}): pass init_image and mask_image"
-        )
-    if unet_config.in_channels != latent_channels:
-        raise PipelineError(
-            f"the UNet takes {unet_config.in_channels}-channel input and the VAE makes {latent_channels}-channel "
-            "latents: the two do not belong together"
-        )
-
-
-def _finite_number(name: str, value: Any, low: float, high: float = float("inf"), low_open: bool = False) -> None:
-    """PipelineError unless ``value`` is a finite number in [low, high] ((low, high] with ``low_open``). Every range
-    is worded the same way: ">= 0" when there is no upper bound, else an interval such as "(0, 1]"."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise PipelineError(f"{name} must be a number, got {value!r}")
-    if not (np.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
-        raise PipelineError(f"{name} must be a finite number {_range_text(low, high, low_open)}, got {value!r}")
-
-
-def _range_text(low: float, high: float, low_open: bool = False) -> str:
-    if not np.isfinite(high):
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-
-
-def check_generate_args(
-    guidance_scale: Any, eta: Any, strength: Any, seed: Any, num_images: Any, names: dict[str, str] | None = None
-) -> None:
-    """PipelineError (one line) for a bad generate() argument; sample.py runs it before loading the model, with
-    ``names`` mapping an argument to the flag that sets it (``{"strength": "--strength"}``)."""
-    names = {} if names is None else names
-    _finite_number(names.get("guidance_scale", "guidance_scale"), guidance_scale, 0.0)
-    _finite_number(names.get("eta", "eta"), eta, 0.0)
-    _finite_number(names.get("strength", "strength"), strength, 0.0, 1.0, low_open=True)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise PipelineError(f"{names.get('seed', 'seed')} must be an int in [0, 2**63 - 1], got {seed!r}")
-    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-        name = names.get("num_images_per_prompt", "num_images_per_prompt")
-        raise PipelineError(f"{name} must be an int >= 1, got {num_images!r}")
-
-
-def _check_steps(num_inference_steps: Any, max_steps: int) -> None:
-    steps = num_inference_steps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= max_steps:
-        raise PipelineError(
-            f"num_inference_steps must be an int in [1, {max_steps}] (the schedule's num_train_timesteps), "
-            f"got {steps!r}"
-        )
-
-
-def _prompt_list(name: str, prompts: Any) -> list[str]:
-    """A string or a non-empty list of strings (valid Unicode text) -> list; PipelineError otherwise."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts) or not prompts:
-        raise PipelineError(f"{name} must be a string or a non-empty list of strings, got {prompts!r:.80}")
-    for prompt in prompts:
-        check_text(name, prompt)
-    return list(prompts)
-
-
-def check_text(name: str, text: str) -> None:
-    """PipelineError when ``text`` holds a lone surrogate (a string that is not Unicode text, e.g. made from
-    bytes that were not UTF-8, as Python decodes a command line), which no tokenizer can read."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise PipelineError(
-            f"{name} is not valid text: {text[e.start]!r} at character {e.start} is a lone surrogate (bytes that "
-            "were not UTF-8?); pass UTF-8 text"
-        ) from None
-
-
-def _negative_prompts(negative_prompts: str | list[str] | None, n: int) -> list[str]:
-    if negative_prompts is None:
-        return [""] * n
-    if isinstance(negative_prompts, str):
-        return _prompt_list("negative_prompts", negative_prompts) * n
-    negative_prompts = _prompt_list("negative_prompts", negative_prompts)
-    if len(negative_prompts) != n:
-        raise PipelineError(f"got {len(negative_prompts)} negative prompts for {n} prompts; pass one per prompt")
-    return list(negative_prompts)
-
-
-def _compute_module(module: Any) -> Any:
-    """The network that samples: ``module`` itself, or on the CPU a float32 copy of a 16-bit one. XLA:CPU has no
-    fast 16-bit convolution (bench_unet: 6.06 s per SD 1.5 UNet evaluation in bfloat16 against 5.07 s in float32),
-    so a bfloat16 pipeline keeps its params in 16 bits and the sampling program casts them to float32 once, before
-    its loop (``DenoiseSpec.upcast_params``). GPUs and TPUs compute in the module's dtype."""
-    if jax.default_backend() == "cpu" and jnp.dtype(module.dtype) != jnp.float32:
-        return module.clone(dtype=jnp.float32)
-    return module
-
-
-def _repeat(items: list[str], times: int) -> list[str]:
-    return [item for item in items for _ in range(times)]
-
-
-def _is_latents(init: Any) -> bool:
-    """Whether an img2img input is diffusion latents (a 4-d array (N, h, w, C)) rather than an image."""
-    return isinstance(init, (np.ndarray, jax.Array)) and np.ndim(init) == 4
-
-
-def _check_clip_skip(clip_skip: Any, text_encoder: Any) -> int:
-    layers = text_encoder.config.num_hidden_layers
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or not 1 <= clip_skip < layers:
-        raise PipelineError(
-            f"clip_skip must be None or an int in [1, {layers - 1}] (text encoder layers), got {clip_skip!r}"
-        )
-    return int(clip_skip)
-
-
-def _schedule(cfg: schedule.ScheduleConfig, changes: dict[str, Any] | None) -> schedule.ScheduleConfig:
-    """The model's scheduler config with a call's ``scheduler_config`` fields over it; PipelineError if bad."""
-    if changes is None:
-        return cfg
-    try:
-        return cfg.updated(changes)
-    except ValueError as e:
-        raise PipelineError(str(e)) from e
-
-
-def _check_eta(sampler: str, eta: float) -> None:
-    record = samplers.REGISTRY.get(sampler)
-    if record is not None and record.max_eta is not None and eta > record.max_eta:
-        raise PipelineError(f"{sampler} takes eta (its gamma) in [0, {record.max_eta}], got {eta!r}")
-
-
-@functools.lru_cache(maxsize=32)
-def _plan(
-    cfg: schedule.ScheduleConfig,
-    sampler: str,
-    steps: int,
-    strength: float,
-    karras: bool | None,
-    denoising_start: float | None = None,
-    denoising_end: float | None = None,
-):
-    if sampler not in samplers.SAMPLERS:
-        raise PipelineError(f"unknown sampler {sampler!r}; choose one of: {', '.join(samplers.SAMPLERS)}")
-    try:
-        return samplers.make_plan(
-            cfg,
-            sampler,
-            steps,
-            strength=strength,
-            use_karras_sigmas=karras,
-            denoising_start=denoising_start,
-            denoising_end=denoising_end,
-        )
-    except ValueError as e:  # one error class for every bad generate() argument
-        raise PipelineError(str(e)) from e
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode_text(text_encoder: Any, params: Any, input_ids: jax.Array, layer: int | None = None) -> jax.Array:
-    """Token ids (B, T) -> (B, T, D): the last hidden state, or hidden state ``layer`` then the final layer norm."""
-    if layer is None:
-        return text_encoder.apply({"params": params}, input_ids)
-    _, hidden_states = text_encoder.apply({"params": params}, input_ids, output_hidden_states=True)
-    return text_encoder.apply({"params": params}, hidden_states[layer], method=text_encoder.apply_final_layer_norm)
+        request = generation.Request(
+            num_inference_steps, guidance_scale, sampler, seed, height, width, latents, eta, init_image, strength,
+            mask_image, controlnet, control_image, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, guess_mode, use_karras_sigmas, guidance_rescale, output=output,
+            scheduler_config=scheduler_config, progress=progress,
+        )  # fmt: skip
+        return generation.generate(self, conditions, len(prompts) * num_images_per_prompt, request)

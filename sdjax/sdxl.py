@@ -20,24 +20,22 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import loading, samplers, schedule, tokenizer
+from sdjax import conditioning, generation, loading, samplers, schedule, tokenizer
+from sdjax.arguments import check_clip_skip, check_generate_args, negative_prompt_list, prompt_list, repeat
 from sdjax.errors import PipelineError
 from sdjax.loading import folders, textual_inversion
-from sdjax.pipeline import (
-    DiffusionPipeline,
-    _check_clip_skip,
-    _negative_prompts,
-    _prompt_list,
-    _repeat,
-    check_generate_args,
-)
+from sdjax.pipeline import DiffusionPipeline
 
+# generate()'s micro-conditioning arguments (sdjax.conditioning.added_time_ids).
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                      "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+                      "negative_aesthetic_score")  # fmt: skip
 # The text encoders in prompt order, with their tokenizer folders.
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
@@ -70,6 +68,8 @@ class StableDiffusionXL(DiffusionPipeline):
     _compiled: dict[Any, Any] = field(default_factory=dict, repr=False)
     last_timings: dict[str, float] = field(default_factory=dict, repr=False)
     _lora: Any = field(default=None, repr=False)
+    family: ClassVar[str] = "sdxl"
+    default_guidance_scale: ClassVar[float] = 5.0
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -141,61 +141,22 @@ class StableDiffusionXL(DiffusionPipeline):
         feature axis, and the second encoder's projected pooled output. ``prompts_2`` (default: ``prompts``)
         go to the second encoder."""
         texts = {"text_encoder": list(prompts), "text_encoder_2": list(prompts_2 or prompts)}
-        hidden, pooled = [], None
+        encoders = []
         for name, tokenizer_name in ENCODERS:
             encoder = getattr(self, name)
             if encoder is None:
                 continue
-            layer = -2 if clip_skip is None else -(_check_clip_skip(clip_skip, encoder) + 2)
+            layer = -2 if clip_skip is None else -(check_clip_skip(clip_skip, encoder) + 2)
             tok = self.tokenizers[tokenizer_name]
             expanded = [textual_inversion.expand_prompt(tok, text) for text in texts[name]]
-            ids = jnp.asarray(tokenizer.tokenize(tok, expanded))
-            states, projected = hidden_and_pooled(encoder, self.params[name], ids, layer)
-            hidden.append(states)
-            pooled = projected if projected is not None else pooled
-        return jnp.concatenate(hidden, axis=-1), pooled
+            encoders.append((encoder, self.params[name], jnp.asarray(tokenizer.tokenize(tok, expanded)), layer))
+        return conditioning.sdxl_text(encoders)
 
     def time_ids(self, original_size: tuple, crops_coords_top_left: tuple, last: tuple) -> np.ndarray:
-        """SDXL's micro-conditioning (6,) base / (5,) refiner float32: original (h, w), crop (top, left), then the
-        target (h, w) (base) or the aesthetic score (refiner); checked against the UNet's ``add_embedding``."""
-        ids = np.asarray([*original_size, *crops_coords_top_left, *last], np.float32)
-        cfg = self.unet.config
-        if cfg.addition_embed_type != "text_time":
-            raise PipelineError(f"this UNet has addition_embed_type={cfg.addition_embed_type!r}; SDXL's is 'text_time'")
+        """SDXL's micro-conditioning (6,) base / (5,) refiner float32 (see :func:`sdjax.conditioning.sdxl_time_ids`)."""
+        ids = (original_size, crops_coords_top_left, last)
         pooled = self.text_encoder_2.config.projection_dim
-        expected = (cfg.projection_class_embeddings_input_dim - pooled) / cfg.addition_time_embed_dim
-        if len(ids) != expected:
-            kind = "aesthetic score" if self.requires_aesthetics_score else "target size"
-            raise PipelineError(
-                f"the UNet expects {expected:g} time ids, the pipeline makes {len(ids)} (original size, crop, "
-                f"{kind}): requires_aesthetics_score={self.requires_aesthetics_score} in model_index.json does not "
-                "fit this UNet"
-            )
-        return ids
-
-    def _added_time_ids(self, size: tuple[int, int], img2img: bool, micro: dict[str, Any]) -> tuple[Any, Any]:
-        """(positive, negative) time ids as diffusers' SDXL pipelines make them (txt2img: the negative ones differ
-        only when both negative sizes are given; img2img: each negative field defaults to its positive one)."""
-        original = _pair("original_size", micro["original_size"] or size)
-        target = _pair("target_size", micro["target_size"] or size)
-        crop = _pair("crops_coords_top_left", micro["crops_coords_top_left"])
-        negative_crop = _pair("negative_crops_coords_top_left", micro["negative_crops_coords_top_left"])
-        negative_original = micro["negative_original_size"]
-        negative_target = micro["negative_target_size"]
-        if self.requires_aesthetics_score:
-            scores = [_score(micro, "aesthetic_score"), _score(micro, "negative_aesthetic_score")]
-            positive = self.time_ids(original, crop, (scores[0],))
-            negative_original = _pair("negative_original_size", negative_original or original)
-            return positive, self.time_ids(negative_original, negative_crop, (scores[1],))
-        positive = self.time_ids(original, crop, target)
-        if img2img:  # diffusers' img2img pairs the negative sizes with the positive crop
-            negative_original = _pair("negative_original_size", negative_original or original)
-            negative_target = _pair("negative_target_size", negative_target or target)
-            return positive, self.time_ids(negative_original, crop, negative_target)
-        if negative_original is None or negative_target is None:
-            return positive, positive
-        negative = (_pair("negative_original_size", negative_original), negative_crop)
-        return positive, self.time_ids(*negative, _pair("negative_target_size", negative_target))
+        return conditioning.sdxl_time_ids(*ids, self.unet.config, pooled, self.requires_aesthetics_score)
 
     def conditions(
         self,
@@ -210,21 +171,9 @@ class StableDiffusionXL(DiffusionPipeline):
         """The UNet's inputs {"cond": {...}, "uncond": {...}} (``encoder_hidden_states``, ``text_embeds``,
         ``time_ids``) for B prompts. With no negative prompts and ``force_zeros_for_empty_prompt`` the negative
         embeddings are zeros, as diffusers."""
-        n = len(prompts)
-        states, pooled = self.encode_prompt(prompts, prompts_2, clip_skip)
-        out = {"cond": {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": _rows(time_ids[0], n)}}
-        if guided:
-            if negative_prompts is None and self.force_zeros_for_empty_prompt:
-                neg_states, neg_pooled = jnp.zeros_like(states), jnp.zeros_like(pooled)
-            else:
-                negative = negative_prompts or [""] * n
-                neg_states, neg_pooled = self.encode_prompt(negative, negative_prompts_2 or negative, clip_skip)
-            out["uncond"] = {
-                "encoder_hidden_states": neg_states,
-                "text_embeds": neg_pooled,
-                "time_ids": _rows(time_ids[1], n),
-            }
-        return out
+        encode = functools.partial(self.encode_prompt, clip_skip=clip_skip)
+        texts = (prompts, prompts_2, negative_prompts, negative_prompts_2)
+        return conditioning.sdxl_conditions(encode, texts, guided, time_ids, self.force_zeros_for_empty_prompt)
 
     # ------------------------------------------------------------------------------------------- generation
 
@@ -245,7 +194,14 @@ class StableDiffusionXL(DiffusionPipeline):
         negative_prompts_2: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         init_image: Any = None,
-        strength: float = 0.3,
+        strength: float | None = None,
+        mask_image: Any = None,
+        controlnet: Any = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
         use_karras_sigmas: bool | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
@@ -263,10 +219,12 @@ class StableDiffusionXL(DiffusionPipeline):
         scheduler_config: dict[str, Any] | None = None,
         progress: bool = False,
     ) -> np.ndarray:
-        """Text-to-image, image-to-image (``init_image``: an image, or latents) and the base -> refiner hand-off.
+        """Text-to-image, image-to-image (``init_image``: an image, or latents), inpainting (``mask_image``),
+        ControlNet guidance (``controlnet``, ``control_image``) and the base -> refiner hand-off.
 
         Arguments as :meth:`sdjax.StableDiffusion.generate`, with SDXL's defaults (guidance 5.0; the sampler of
-        the folder's scheduler class, "euler" for the published models; img2img strength 0.3), plus:
+        the folder's scheduler class, "euler" for the published models; strength 0.3 for img2img, 0.9999 for
+        inpainting, as diffusers' SDXL pipelines), plus:
           prompts_2, negative_prompts_2: prompts for the second text encoder (default: the first ones).
           original_size, crops_coords_top_left, target_size (and negative_*): micro-conditioning, (h, w) /
             (top, left) pixels; sizes default to (height, width).
@@ -274,98 +232,51 @@ class StableDiffusionXL(DiffusionPipeline):
           denoising_end: in (0, 1), stop after that fraction of the schedule (with ``output="latent"``, the
             base's half of the hand-off); denoising_start: start there, from ``init_image`` latents as given
             (the refiner's half; ``strength`` is then unused).
-          output: "image" (N, H, W, 3) in [0, 1], or "latent": the diffusion latents (N, H/8, W/8, 4).
-          scheduler_config: scheduler config fields for this call, over the model's (SDXL-Lightning:
-            ``{"timestep_spacing": "trailing"}`` with ``sampler="euler"``).
+          scheduler_config: e.g. SDXL-Lightning's ``{"timestep_spacing": "trailing"}`` with ``sampler="euler"``.
         """
-        prompts = _prompt_list("prompts", prompts)
-        n = len(prompts)
+        strength = (0.9999 if mask_image is not None else 0.3) if strength is None else strength
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
-        self._check_negative_prompts(negative_prompts, negative_prompts_2)
-        prompts_2 = None if prompts_2 is None else _matched("prompts_2", prompts_2, n)
-        negatives = None if negative_prompts is None else _negative_prompts(negative_prompts, n)
-        negatives_2 = None if negative_prompts_2 is None else _negative_prompts(negative_prompts_2, n)
-        if self.requires_aesthetics_score and init_image is None:
-            raise PipelineError(
-                "this SDXL model (requires_aesthetics_score: a refiner) works on an image: pass init_image (an image, "
-                'or the latents of generate(..., denoising_end=..., output="latent") with denoising_start)'
-            )
-        text_lists = (prompts, prompts_2, negatives, negatives_2)
-        micro = {
-            "original_size": original_size,
-            "crops_coords_top_left": crops_coords_top_left,
-            "target_size": target_size,
-            "negative_original_size": negative_original_size,
-            "negative_crops_coords_top_left": negative_crops_coords_top_left,
-            "negative_target_size": negative_target_size,
-            "aesthetic_score": aesthetic_score,
-            "negative_aesthetic_score": negative_aesthetic_score,
-        }
+        texts = _prompt_lists(self, prompts, prompts_2, negative_prompts, negative_prompts_2, init_image)
+        micro = {name: value for name, value in locals().items() if name in MICRO_CONDITIONING}
 
-        def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:  # after the batch-size checks
-            texts = [None if p is None else _repeat(p, num_images_per_prompt) for p in text_lists]
-            ids = self._added_time_ids((height, width), init_image is not None, micro)
-            return self.conditions(*texts, guided, ids, clip_skip)
+        def conditions(guided: bool, height: int, width: int, img2img: bool) -> dict[str, Any]:
+            repeated = [None if p is None else repeat(p, num_images_per_prompt) for p in texts]
+            aesthetic = self.requires_aesthetics_score
+            ids = conditioning.added_time_ids(self.time_ids, (height, width), img2img, micro, aesthetic)
+            return self.conditions(*repeated, guided, ids, clip_skip)
 
-        return self._sample(
-            conditions,
-            n * num_images_per_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            sampler=self.default_sampler if sampler is None else sampler,
-            seed=seed,
-            height=height,
-            width=width,
-            latents=latents,
-            eta=eta,
-            init_image=init_image,
-            strength=strength,
-            use_karras_sigmas=use_karras_sigmas,
-            progress=progress,
-            guidance_rescale=guidance_rescale,
-            denoising_start=denoising_start,
-            denoising_end=denoising_end,
-            output=output,
-            scheduler_config=scheduler_config,
+        request = generation.Request(
+            num_inference_steps, guidance_scale, self.default_sampler if sampler is None else sampler, seed, height,
+            width, latents, eta, init_image, strength, mask_image, controlnet, control_image,
+            controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode,
+            use_karras_sigmas, guidance_rescale, denoising_start, denoising_end, output, scheduler_config, progress,
+        )  # fmt: skip
+        return generation.generate(self, conditions, len(texts[0]) * num_images_per_prompt, request)
+
+
+def _prompt_lists(pipe: Any, prompts: Any, prompts_2: Any, negatives: Any, negatives_2: Any, init_image: Any) -> tuple:
+    """(prompts, prompts_2, negative_prompts, negative_prompts_2) as lists of n (None where not given), checked."""
+    prompts = prompt_list("prompts", prompts)
+    n = len(prompts)
+    pipe._check_negative_prompts(negatives, negatives_2)
+    if pipe.requires_aesthetics_score and init_image is None:
+        raise PipelineError(
+            "this SDXL model (requires_aesthetics_score: a refiner) works on an image: pass init_image (an image, "
+            'or the latents of generate(..., denoising_end=..., output="latent") with denoising_start)'
         )
+    return (
+        prompts,
+        None if prompts_2 is None else _matched("prompts_2", prompts_2, n),
+        None if negatives is None else negative_prompt_list(negatives, n),
+        None if negatives_2 is None else negative_prompt_list(negatives_2, n),
+    )
 
 
 def _matched(name: str, prompts: str | list[str], n: int) -> list[str]:
     """A second-encoder prompt list: one string for all, or exactly one per prompt."""
     if isinstance(prompts, str):
         return [prompts] * n
-    prompts = _prompt_list(name, prompts)
+    prompts = prompt_list(name, prompts)
     if len(prompts) != n:
         raise PipelineError(f"got {len(prompts)} {name} for {n} prompts; pass one per prompt (or one string)")
     return prompts
-
-
-def _pair(name: str, value: Any) -> tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_number(v) for v in value):
-        raise PipelineError(f"{name} must be a pair of numbers (pixels), got {value!r}")
-    return float(value[0]), float(value[1])
-
-
-def _score(micro: dict[str, Any], name: str) -> float:
-    if not _is_number(micro[name]):
-        raise PipelineError(f"{name} must be a finite number, got {micro[name]!r}")
-    return float(micro[name])
-
-
-def _is_number(value: Any) -> bool:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    return ok and bool(np.isfinite(value))
-
-
-def _rows(time_ids: np.ndarray, n: int) -> jax.Array:
-    return jnp.broadcast_to(jnp.asarray(time_ids), (n, time_ids.shape[0]))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def hidden_and_pooled(encoder: Any, params: Any, ids: jax.Array, layer: int) -> tuple[jax.Array, Any]:
-    """Token ids (B, 77) -> (hidden state ``layer`` (B, 77, D), projected pooled output (B, P) or None for an
-    encoder without projection)."""
-    out = encoder.apply({"params": params}, ids, output_hidden_states=True)
-    if len(out) == 3:  # CLIPTextModelWithProjection: (text_embeds, last_hidden_state, hidden_states)
-        return out[2][layer], out[0]
-    return out[1][layer], None

@@ -108,13 +108,13 @@ def test_attention_memory_lower_bound_is_the_score_matrix(tiny_pipe):
 
 
 def test_out_of_memory_at_run_time_is_one_line(tiny_pipe, monkeypatch):
-    from sdjax import pipeline
+    from sdjax import generation
 
     class Exhausted:  # what XLA raises when the program does not fit
         def lower(self, *args):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
 
-    monkeypatch.setattr(pipeline.denoise, "compiled_denoise", lambda *args, **kwargs: Exhausted())
+    monkeypatch.setattr(generation.denoise, "compiled_denoise", lambda *args, **kwargs: Exhausted())
     fresh = dataclasses.replace(tiny_pipe, _compiled={}, _replicated={})
     with pytest.raises(PipelineError, match="out of memory on cpu generating 1 image"):
         fresh.generate(["a"], num_inference_steps=2)

@@ -1,7 +1,8 @@
 """Inpainting models (UNet in_channels 9: latents + downsampled mask + masked-image latents) load from diffusers
 folders (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline) and single files, through
 StableDiffusion / StableDiffusionXL.from_pretrained and sdjax.from_pretrained; the published SD 1.5 inpainting
-layout's UNet matches diffusers'; until inpainting generation lands, generate refuses them in one line."""
+layout's UNet matches diffusers'; without a mask, generate refuses them in one line (inpainting itself:
+tests/test_inpainting.py)."""
 
 import json
 import shutil

@@ -76,3 +76,61 @@ def test_sdxl_flags_on_an_sd_model_are_one_line(tiny_model, tiny_sdxl_refiner, t
     assert run(tiny_model, tmp_path, "--prompt", "x", "--refiner", str(tiny_sdxl_refiner[1])) == 2
     err = capsys.readouterr().err.strip()
     assert "--refiner applies to SDXL models" in err and "\n" not in err
+
+
+def test_inpainting_from_files(tiny_model, tmp_path):
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "init.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    args = [
+        "--prompt",
+        "a red circle",
+        "--init-image",
+        str(tmp_path / "init.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+    ]
+    assert run(tiny_model, tmp_path / "out", *args) == 0
+    info = Image.open(tmp_path / "out" / "0000.png").text
+    assert info["mask"] == str(tmp_path / "mask.png") and info["strength"] == "default"
+
+
+def test_two_controlnets_from_files(tiny_torch_pipe, tiny_model, tmp_path):
+    from diffusers import ControlNetModel
+
+    for i in range(2):
+        torch_net = ControlNetModel.from_unet(tiny_torch_pipe.unet, conditioning_embedding_out_channels=(16, 32))
+        torch_net.save_pretrained(tmp_path / f"cn{i}", safe_serialization=True)
+        Image.new("RGB", (16, 16), (30 * i, 100, 200)).save(tmp_path / f"c{i}.png")
+    args = ["--prompt", "a red circle", "--control-scale", "0.5", "--control-scale", "1.5"]
+    for i in range(2):
+        args += ["--controlnet", str(tmp_path / f"cn{i}"), "--control-image", str(tmp_path / f"c{i}.png")]
+    assert run(tiny_model, tmp_path / "out", *args) == 0
+    assert Image.open(tmp_path / "out" / "0000.png").text["control_scale"] == "[0.5, 1.5]"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mask", "m.png"], "--mask applies to inpainting the --init-image: pass --init-image FILE too"),
+        (["--control-image", "c.png"], "--control-image applies to ControlNet guidance: pass --controlnet PATH too"),
+        (
+            ["--controlnet", "cn", "--control-image", "a.png", "--control-image", "b.png"],
+            "got 2 --control-image for 1 --controlnet; pass one image per ControlNet",
+        ),
+        (
+            ["--controlnet", "cn", "--control-image", "a.png", "--control-scale", "1", "--control-scale", "2"],
+            "got 2 --control-scale for 1 --controlnet",
+        ),
+        (
+            ["--controlnet", "cn", "--control-image", "/nonexistent.png"],
+            "control image /nonexistent.png cannot be read",
+        ),
+        (["--init-image", "/nonexistent.png", "--mask", "m.png"], "init image /nonexistent.png cannot be read"),
+    ],  # fmt: skip
+)
+def test_bad_task_flags_are_one_line_before_loading(tmp_path, capsys, extra, message):
+    assert run(tmp_path / "no-model-needed", tmp_path / "out", "--prompt", "x", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err

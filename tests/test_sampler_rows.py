@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdjax import denoise, latents, samplers
+from sdjax import denoise, latents, samplers, tasks
 from sdjax.schedule import ScheduleConfig
 from tests.reference import NEGATIVE, PROMPTS
 from tests.sampler_reference import (
@@ -197,12 +197,12 @@ def test_the_blend_hook_reproduces_diffusers_inpaint_pipeline(inpaint_pipeline, 
     init = latents.encode(tiny_pipe.vae, tiny_pipe.params["vae"], pixels)  # the posterior mean
     latent_mask = mask[::2, ::2][None, :, :, None]
     plan = samplers.make_plan(tiny_pipe.schedule, name, 8, strength=strength)
-    spec = denoise.DenoiseSpec(tiny_pipe.unet, tiny_pipe.vae, plan, guided=True, img2img=strength < 1,
-                               init_latents=True, decode=False)  # fmt: skip
+    img2img = (tasks.Img2Img(init_latents=True),) if strength < 1 else ()
+    spec = denoise.DenoiseSpec(tiny_pipe.unet, tiny_pipe.vae, plan, guided=True, tasks=img2img, decode=False)
     inputs = {
         "noise": jnp.asarray(noise),
         "keys": jax.random.key_data(denoise.image_keys(0, 2)),
-        "init": init,
+        "tasks": {"img2img": {"init": init}},
         **tiny_pipe._conditions(PROMPTS, NEGATIVE, True),
     }
     scalars = {"guidance": jnp.float32(7.5), "eta": jnp.float32(0.0), "guidance_rescale": jnp.float32(0.0)}

@@ -46,8 +46,10 @@ def _params(name: str, params: Params, frozen: Params) -> Params:
 
 def sd_conditions(model: Any, params: Params, frozen: Params, batch: Batch) -> dict[str, jax.Array]:
     """{"encoder_hidden_states": (B, 77, D)}: the (trained or frozen) text encoder's last hidden state."""
+    from sdjax import conditioning
+
     encoder, encoder_params = model.modules["text_encoder"], _params("text_encoder", params, frozen)
-    return {"encoder_hidden_states": encoder.apply({"params": encoder_params}, batch["input_ids"])}
+    return {"encoder_hidden_states": conditioning.sd_text(encoder, encoder_params, batch["input_ids"])}
 
 
 def sdxl_time_ids(original_size: jax.Array, crop_top_left: jax.Array, target_size: tuple[int, int]) -> jax.Array:
@@ -65,18 +67,14 @@ def empty_captions(model: Any, input_ids: jax.Array) -> jax.Array:
 def sdxl_conditions(model: Any, params: Params, frozen: Params, batch: Batch) -> dict[str, jax.Array]:
     """{"encoder_hidden_states": (B, 77, D1 + D2), "text_embeds": (B, P), "time_ids": (B, 6) float32} of a batch
     with "input_ids", "input_ids_2", "original_size", "crop_top_left" and "image" (its size is the target)."""
-    from sdjax.sdxl import hidden_and_pooled  # the pipeline's own prompt encoding (penultimate layer, pooled)
+    from sdjax import conditioning
 
-    states, pooled = [], None
-    for name, key in (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2")):
-        hidden, projected = hidden_and_pooled(model.modules[name], _params(name, params, frozen), batch[key], -2)
-        states.append(hidden)
-        pooled = projected if projected is not None else pooled
-    states = jnp.concatenate(states, axis=-1)
+    names = (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2"))
+    states, pooled = conditioning.sdxl_text(
+        [(model.modules[name], _params(name, params, frozen), batch[key], -2) for name, key in names]
+    )
     if model.options.get("force_zeros_for_empty_prompt", True):
-        keep = ~empty_captions(model, batch["input_ids"])
-        states = jnp.where(keep[:, None, None], states, 0.0).astype(states.dtype)
-        pooled = jnp.where(keep[:, None], pooled, 0.0).astype(pooled.dtype)
+        states, pooled = conditioning.zero_dropped(~empty_captions(model, batch["input_ids"]), states, pooled)
     target = tuple(batch["image"].shape[1:3])
     time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target)
     return {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": time_ids}
