@@ -8,8 +8,16 @@ name.txt beside each name.png / name.jpg (sdjax/data/imagefolder.py). Undecodabl
 Only the UNet trains (AdamW, constant lr 1e-5, EMA as diffusers' train_text_to_image.py); the text encoder and
 the VAE stay frozen and are copied into workdir/model with the tokenizer and scheduler.
 
-Memory: the 860M-parameter UNet with float32 master weights, Adam moments and EMA needs ~14 GB plus activations;
-bfloat16 compute and rematerialisation (the defaults here) keep 512x512 batches of 2-4 per 16 GB device.
+Memory, measured (docs/sharding.md, benchmarks/bench_sharding.py, 2026-12-06): the train state (float32 params,
+AdamW moments, EMA) is 12.8 GiB; with bfloat16 compute and remat (the defaults here) one 512x512 example per device
+needs 27.9 GiB on one device, 25.0 GiB per device data-parallel, 13.4 GiB with the state split over 4 devices.
+The smallest TPU slice that fits is a v5e-4 (4 chips of 16 GiB), the state split four ways and one example per chip
+per micro-batch, accumulated to this config's 32:
+
+    python train.py --config=configs/sd15_finetune.py --workdir=... --config.pretrained_path=... \
+        --config.data.source=... --config.mesh.fsdp=4 --config.batch_size=4 --config.grad_accum_steps=8
+
+Data-parallel (the default, fsdp=1) needs 32 GiB devices (TPU v4 / v6e, A100 40 GB).
 `--config=configs/sd15_finetune.py:tiny` shrinks resolution, batch and run for a smoke test (with a tiny model).
 """
 

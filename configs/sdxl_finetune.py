@@ -15,9 +15,16 @@ the top-left corner of its crop (recorded by the input pipeline: shorter side re
 crop, flip) and the target size (data.resolution). Dropped captions (data.caption_dropout, for classifier-free
 guidance) get zero embeddings, as the base model's force_zeros_for_empty_prompt samples its unconditional branch.
 
-Memory: the 2.57B-parameter UNet needs 41 GB for float32 params, gradients and AdamW moments (+10 GB with EMA,
-off here), replicated on every device: an 80 GB+ device (A100/H100 80 GB, H200, TPU v5p). bfloat16 compute and
-rematerialisation (the defaults) keep the activations of 1024x1024 batches of 1-2 per device within the rest.
+Memory, measured (docs/sharding.md, benchmarks/bench_sharding.py, 2026-12-06, EMA on; this config turns it off,
+which saves 10.3 GiB divided by the fsdp count): the train state is 38.3 GiB; with bfloat16 compute and remat (the
+defaults) one 1024x1024 example per device needs 98.2 GiB on one device, 86.8 GiB per device data-parallel and
+55.8 GiB with the state split over 4 devices, of which 45.8 GiB are the step's activations, which sharding does
+not split. The smallest slice that fits is a TPU v5p-8 (4 chips of 95 GiB) or four 80 GB GPUs, the state split
+four ways and one example per device per micro-batch, accumulated to this config's 32:
+
+    python train.py --config=configs/sdxl_finetune.py --workdir=... --config.pretrained_path=... \
+        --config.data.source=... --config.mesh.fsdp=4 --config.batch_size=4 --config.grad_accum_steps=8
+
 Smaller devices: fine-tune LoRA adapters instead. `--config=configs/sdxl_finetune.py:tiny` trains a tiny SDXL
 folder (pretrained_path) at 16x16 for 2 steps on the CPU, a smoke test.
 """
