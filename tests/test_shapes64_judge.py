@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sdjax.shapes64 import judge as J
+from sdjax.shapes64 import prompts as P
 from sdjax.shapes64 import scene as S
 
 COMBOS = [(c, s, b) for c, s, b in itertools.product(S.COLORS, S.SHAPES, S.COLORS) if c != b]
@@ -115,3 +116,21 @@ def test_accuracy_counts_matches_per_attribute():
 def test_the_judge_and_the_scenes_import_no_tensorflow():
     code = "import sys, sdjax.shapes64, sdjax.shapes64.judge; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _caption_fields(prompts):
+    return [J.parse_caption(p) for p in prompts]
+
+
+@pytest.mark.parametrize("prompt_set", [P.tuning_prompts, P.heldout_prompts])
+def test_each_prompt_set_has_every_colour_as_foreground_and_background_with_every_shape(prompt_set):
+    fields = _caption_fields(prompt_set())
+    assert len(fields) >= 30 and len({tuple(f.values()) for f in fields}) == len(fields)
+    for role in ("color", "background"):
+        for color in S.COLORS:
+            assert {f["shape"] for f in fields if f[role] == color} == set(S.SHAPES), (role, color)
+
+
+def test_heldout_prompts_are_disjoint_from_the_tuning_prompts():
+    assert not set(P.heldout_prompts()) & set(P.tuning_prompts())
+    assert J.eval_prompts() == P.tuning_prompts()

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from sdjax.shapes64.scene import CAPTION_TEMPLATE, COLORS, PALETTE, SHAPES
+from sdjax.shapes64 import prompts
+from sdjax.shapes64.scene import COLORS, PALETTE, SHAPES
 
 _PALETTE_RGB = np.asarray([PALETTE[c] for c in COLORS], np.float32)
 # A pixel is "maybe foreground" when this far (RGB euclidean, 0-255) from the background colour: at
@@ -159,13 +160,8 @@ def accuracy(images: np.ndarray, captions: list[str]) -> dict[str, float]:
 
 
 def eval_prompts() -> list[str]:
-    """The evaluation prompts: every ordered (colour, background) pair of different palette colours once (30),
-    the shape cycling through circle, square, triangle, so each shape gets 10 prompts and each colour is the
-    foreground 5 times and the background 5 times."""
-    pairs = [(c, b) for c in COLORS for b in COLORS if c != b]
-    return [
-        CAPTION_TEMPLATE.format(color=c, shape=SHAPES[i % len(SHAPES)], background=b) for i, (c, b) in enumerate(pairs)
-    ]
+    """The v1 bar's 30 prompts: :func:`sdjax.shapes64.prompts.tuning_prompts` (kept under this name)."""
+    return prompts.tuning_prompts()
 
 
 def evaluate(
