@@ -420,19 +420,29 @@ class StableDiffusion(DiffusionPipeline):
         return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids), layer)
 
     def _conditions(
-        self, prompts: list[str], negative_prompts: list[str], guided: bool, clip_skip: int | None = None
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        guided: bool,
+        clip_skip: int | None = None,
+        embeds: tuple[jax.Array | None, jax.Array | None] = (None, None),
     ) -> dict[str, Any]:
-        """The UNet's conditioning inputs of the prompts (and, guided, of the negative prompts)."""
-        conditions = {"cond": {"encoder_hidden_states": self.encode_prompt(prompts, clip_skip)}}
+        """The UNet's conditioning inputs of the prompts (and, guided, of the negative prompts); ``embeds`` (cond,
+        uncond) (B, T, D), where not None, stand in for the encoded prompts / negative prompts."""
+        cond, uncond = embeds
+        conditions = {
+            "cond": {"encoder_hidden_states": self.encode_prompt(prompts, clip_skip) if cond is None else cond}
+        }
         if guided:
-            conditions["uncond"] = {"encoder_hidden_states": self.encode_prompt(negative_prompts, clip_skip)}
+            uncond = self.encode_prompt(negative_prompts, clip_skip) if uncond is None else uncond
+            conditions["uncond"] = {"encoder_hidden_states": uncond}
         return conditions
 
     # ------------------------------------------------------------------------------------------- generation
 
     def generate(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str] | None = None,
         negative_prompts: str | list[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -451,12 +461,18 @@ class StableDiffusion(DiffusionPipeline):
         clip_skip: int | None = None,
         output: str = "image",
         progress: bool = False,
+        prompt_embeds: np.ndarray | jax.Array | None = None,
+        negative_prompt_embeds: np.ndarray | jax.Array | None = None,
     ) -> np.ndarray:
         """Text-to-image (and image-to-image with ``init_image``).
 
         Args:
           prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
           negative_prompts: one per prompt (or one for all); "" when None.
+          prompt_embeds: instead of ``prompts``, their text embeddings (B, 77, D) float (as :meth:`encode_prompt`
+            returns, or interpolated between two of them); each gives ``num_images_per_prompt`` images.
+          negative_prompt_embeds: with ``prompt_embeds``, the negative prompts' embeddings of the same shape;
+            when None, ``negative_prompts`` are encoded (as diffusers).
           guidance_scale: classifier-free guidance weight; <= 1 runs the conditional branch only.
           sampler: one of :data:`sdjax.samplers.SAMPLERS`.
           seed: image i's noise depends only on (seed, i), whatever the number of devices.
@@ -468,15 +484,17 @@ class StableDiffusion(DiffusionPipeline):
           clip_skip: use the text encoder's k-th layer from the end (k >= 1), as diffusers.
           output: "image", or "latent" for the final diffusion latents (N, H/8, W/8, C) without decoding.
         Returns:
-          np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) * num_images_per_prompt.
+          np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) (or len(prompt_embeds)) * num_images_per_prompt.
         """
-        prompts = _prompt_list("prompts", prompts)
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
+        embeds = _prompt_embeds(prompts, prompt_embeds, negative_prompt_embeds, self.text_encoder)
+        prompts = _prompt_list("prompts", prompts) if embeds[0] is None else [""] * len(embeds[0])
         negative_prompts = _negative_prompts(negative_prompts, len(prompts))
 
         def conditions(guided: bool, height: int, width: int) -> dict[str, Any]:  # after the batch-size checks
             texts = (_repeat(p, num_images_per_prompt) for p in (prompts, negative_prompts))
-            return self._conditions(*texts, guided, clip_skip)
+            repeated = tuple(None if e is None else jnp.repeat(e, num_images_per_prompt, axis=0) for e in embeds)
+            return self._conditions(*texts, guided, clip_skip, repeated)
 
         return self._sample(
             conditions,
@@ -575,6 +593,31 @@ def _prompt_list(name: str, prompts: Any) -> list[str]:
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts) or not prompts:
         raise PipelineError(f"{name} must be a string or a non-empty list of strings, got {prompts!r:.80}")
     return list(prompts)
+
+
+def _prompt_embeds(prompts: Any, prompt_embeds: Any, negative_prompt_embeds: Any, text_encoder: Any) -> tuple:
+    """(cond, uncond) (B, 77, D) embeddings given instead of prompts, checked and cast to the text encoder's dtype;
+    None where not given."""
+    if prompts is not None and prompt_embeds is not None:
+        raise PipelineError("pass either prompts or prompt_embeds (B, 77, D), not both")
+    if prompt_embeds is None:  # prompts are checked as prompts
+        if negative_prompt_embeds is not None:
+            raise PipelineError("negative_prompt_embeds needs prompt_embeds; with prompts, pass negative_prompts")
+        return None, None
+    expected = (tokenizer.MAX_LENGTH, text_encoder.config.hidden_size)
+    given = [e for e in (prompt_embeds, negative_prompt_embeds) if e is not None]
+    for name, e in zip(("prompt_embeds", "negative_prompt_embeds"), given, strict=False):
+        shape = np.shape(e)
+        if len(shape) != 3 or shape[0] < 1 or shape[1:] != expected or not np.isfinite(np.asarray(e)).all():
+            raise PipelineError(
+                f"{name} must be finite (B, {', '.join(map(str, expected))}) text embeddings, got {shape}"
+            )
+    if len(given) == 2 and np.shape(given[1]) != np.shape(given[0]):
+        raise PipelineError(
+            f"negative_prompt_embeds {np.shape(given[1])} must have prompt_embeds' shape {np.shape(given[0])}"
+        )
+    cast = [None if e is None else jnp.asarray(e, text_encoder.dtype) for e in (prompt_embeds, negative_prompt_embeds)]
+    return tuple(cast)
 
 
 def _negative_prompts(negative_prompts: str | list[str] | None, n: int) -> list[str]:
