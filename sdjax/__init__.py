@@ -5,12 +5,14 @@ pipe = sdjax.StableDiffusion.from_pretrained("path/to/diffusers-folder")
 images = pipe.generate(["a red circle on a blue background"], num_inference_steps=50)  # (N, H, W, 3) in [0, 1]
 xl = sdjax.StableDiffusionXL.from_pretrained("path/to/sdxl-folder")
 any_pipe = sdjax.from_pretrained("path/to/any")  # StableDiffusion or StableDiffusionXL
+controlnet = sdjax.ControlNet.from_pretrained("path/to/controlnet")  # diffusers folder or .safetensors
 """
 
 from typing import Any
 
 __all__ = [
     "SAMPLERS",
+    "ControlNet",
     "PipelineError",
     "StableDiffusion",
     "StableDiffusionXL",
@@ -31,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from sdjax.sdxl import StableDiffusionXL
 
         return StableDiffusionXL
+    if name == "ControlNet":
+        from sdjax.controlnet import ControlNet
+
+        return ControlNet
     if name == "enable_compile_cache":
         from sdjax.compile_cache import enable_compile_cache
 

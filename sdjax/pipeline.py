@@ -156,6 +156,7 @@ class DiffusionPipeline:
         """The generation core: ``n`` images (or latents), conditioned by ``conditions(guided, height, width)``, a
         family's function returning ``{"cond": {...}, "uncond": {...}}`` of UNet keyword inputs (B = n, the
         prompts already repeated per image). Other arguments as ``StableDiffusion.generate``."""
+        _check_unet_input(self.unet.config, self.vae.config.latent_channels)
         check_generate_args(guidance_scale, eta, strength, seed, 1)
         _finite_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
         if use_karras_sigmas is not None and not isinstance(use_karras_sigmas, bool):
@@ -565,6 +566,20 @@ def _out_of_memory_as_error(n: int, device: Any):
             f"out of memory on {device.platform} generating {n} image(s): use a smaller height/width, fewer "
             "images, or dtype=bfloat16"
         ) from e
+
+
+def _check_unet_input(unet_config: Any, latent_channels: int) -> None:
+    """PipelineError unless the UNet denoises the VAE's latents alone: an inpainting UNet also reads the mask and
+    the masked image's latents, which only inpainting (init_image and mask_image) provides."""
+    if folders.is_inpainting(unet_config):
+        raise PipelineError(
+            f"this is an inpainting model (UNet in_channels {unet_config.in_channels}): pass init_image and mask_image"
+        )
+    if unet_config.in_channels != latent_channels:
+        raise PipelineError(
+            f"the UNet takes {unet_config.in_channels}-channel input and the VAE makes {latent_channels}-channel "
+            "latents: the two do not belong together"
+        )
 
 
 def _finite_number(name: str, value: Any, low: float, high: float = float("inf")) -> None:

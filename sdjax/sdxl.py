@@ -107,7 +107,7 @@ class StableDiffusionXL(DiffusionPipeline):
         }
         layout = folders.SDXL
         if self.text_encoder is None:  # the refiner is written as diffusers writes it: an img2img pipeline
-            layout = dataclasses.replace(layout, pipeline_classes=layout.pipeline_classes[::-1])
+            layout = dataclasses.replace(layout, pipeline_classes=layout.pipeline_classes[1:])
         self._write_folder(path, dtype, layout, self.tokenizers, options)
 
     @property

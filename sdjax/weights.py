@@ -30,12 +30,13 @@ from safetensors.numpy import save_file
 # becomes a "_N" suffix in flax and is split off again on export. Other names keep their underscore (linear_1).
 TORCH_LIST_ATTRS = frozenset(
     {"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers", "upsamplers",
-     "to_out", "layers", "net"}
+     "to_out", "layers", "net", "blocks", "controlnet_down_blocks"}
 )  # fmt: skip
 
 # Where each component class lives, and which library's file conventions it follows.
 COMPONENTS: dict[str, tuple[str, str]] = {
     "UNet2DConditionModel": ("sdjax.models.unet", "diffusers"),
+    "ControlNetModel": ("sdjax.models.controlnet", "diffusers"),
     "AutoencoderKL": ("sdjax.models.vae", "diffusers"),
     "CLIPTextModel": ("sdjax.models.clip", "transformers"),
     "CLIPTextModelWithProjection": ("sdjax.models.clip", "transformers"),

@@ -124,3 +124,38 @@ def diffusers_pipeline(folder: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Published text widths by the ControlNet's context width: the text encoders whose hidden states make it, and the
+# pooled embedding of SDXL's text_time conditioning.
+_CONTROLNET_TEXT = {768: ([768], None), 1024: ([1024], None), 2048: ([768, 1280], 1280)}
+
+
+def published_controlnet_folder(name: str, folder: Path, *, shrink: bool = True, seed: int = 0) -> Path:
+    """Writes the ControlNet ``name`` (controlnet_sd15_canny, controlnet_sdxl_canny) in its published layout with
+    perturbed random weights (shrunk as the UNet of its family, so that it conditions a shrunk published UNet),
+    its config.json the published one (shrunk)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    config = shrunk_controlnet_config(name) if shrink else json.loads((FIXTURES / name / "config.json").read_text())
+    torch.manual_seed(seed)
+    model = perturb_(ControlNetModel.from_config(config), seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def shrunk_controlnet_config(name: str) -> dict:
+    """The published ControlNet config ``name``, shrunk as the UNet of its family."""
+    config = json.loads((FIXTURES / name / "config.json").read_text())
+    return _shrunk_unet(config, *_CONTROLNET_TEXT[config["cross_attention_dim"]])
+
+
+def shrunk_unet_config(name: str) -> dict:
+    """The published UNet config of model ``name``, shrunk as :func:`published_folder` shrinks it."""
+    index = json.loads((FIXTURES / name / "model_index.json").read_text())
+    encoders = [c for c in ("text_encoder", "text_encoder_2") if (index.get(c) or [None])[0]]
+    widths = [published_config(name, c)["hidden_size"] for c in encoders]
+    pooled = published_config(name, "text_encoder_2")["projection_dim"] if "text_encoder_2" in encoders else None
+    return _shrunk_unet(published_config(name, "unet"), widths, pooled)

@@ -43,6 +43,14 @@ def test_published_config_builds_with_the_reference_parameter_count(name, compon
     assert ours == _torch_count(folder)
 
 
+@pytest.mark.parametrize("name", ["controlnet_sd15_canny", "controlnet_sdxl_canny"])
+def test_published_controlnet_config_builds_with_the_reference_parameter_count(name):
+    folder = FIXTURES / name
+    module = weights.build_component(folder)
+    ours = sum(math.prod(x.shape) for x in jax.tree.leaves(weights.param_shapes(module)))
+    assert ours == _torch_count(folder)
+
+
 def test_inpainting_unet_takes_nine_input_channels():
     module = weights.build_component(FIXTURES / "sd15_inpainting" / "unet")
     assert module.config.in_channels == 9

@@ -25,7 +25,8 @@ TOKENIZER_ENTRY = ["transformers", "CLIPTokenizer"]
 class Layout:
     """What a model family's diffusers folders hold.
 
-    family: "sd" or "sdxl"; pipeline_classes: model_index ``_class_name`` values (the first is written);
+    family: "sd" or "sdxl"; pipeline_classes: model_index ``_class_name`` values (the first is written; the
+    last is the inpainting pipeline's, written for a 9-channel inpainting UNet, see :func:`is_inpainting`);
     networks: component name -> diffusers / transformers class; optional: networks a folder may list as
     [null, null] (SDXL's refiner has no first text encoder); tokenizers: the tokenizer folders, one per text
     encoder, in order; pipeline: the sdjax class that loads it; options: model_index fields the family reads,
@@ -42,14 +43,14 @@ class Layout:
 
 SD = Layout(
     "sd",
-    ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
     {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"},
     ("tokenizer",),
     "StableDiffusion",
 )
 SDXL = Layout(
     "sdxl",
-    ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+    ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
     {
         "unet": "UNet2DConditionModel",
         "vae": "AutoencoderKL",
@@ -66,6 +67,12 @@ PIPELINE_CLASSES = tuple(c for layout in LAYOUTS for c in layout.pipeline_classe
 NETWORKS = SD.networks  # kept for callers of earlier versions
 
 Params = dict[str, Any]
+
+
+def is_inpainting(unet_config: Any) -> bool:
+    """Whether a UNet is an inpainting model: its input is the latents, the downsampled mask and the masked
+    image's latents (SD / SDXL inpainting: in_channels 9 = 4 + 1 + 4)."""
+    return unet_config.in_channels == 2 * unet_config.out_channels + 1
 
 
 def layout_of(index: dict[str, Any], where: Path | str) -> Layout:
@@ -167,7 +174,8 @@ def write_model_folder(
             weights.save_component(module, params, folder / name, dtype=dtype)
     index: dict[str, Any] = {"_class_name": "AutoencoderKL", "_diffusers_version": weights.DIFFUSERS_VERSION}
     if "unet" in components:
-        index["_class_name"] = layout.pipeline_classes[0]
+        inpainting = is_inpainting(components["unet"][0].config)
+        index["_class_name"] = layout.pipeline_classes[-1 if inpainting else 0]
         if layout is SD:
             index["safety_checker"] = index["feature_extractor"] = [None, None]
             index["requires_safety_checker"] = False
