@@ -145,3 +145,28 @@ def plan(
         )
     except ValueError as e:  # one error class for every bad generate() argument
         raise PipelineError(str(e)) from e
+
+
+def prompt_embeds_pair(prompts: Any, prompt_embeds: Any, negative_prompt_embeds: Any, expected: tuple, dtype: Any):
+    """(cond, uncond) text embeddings (B, T, D) given instead of prompts (``expected`` = (T, D)), checked and cast to
+    ``dtype``; None where not given. PipelineError (one line) for both prompts and embeddings, or a bad shape."""
+    import jax.numpy as jnp
+
+    if prompts is not None and prompt_embeds is not None:
+        raise PipelineError(f"pass either prompts or prompt_embeds (B, {expected[0]}, {expected[1]}), not both")
+    if prompt_embeds is None:  # prompts are checked as prompts
+        if negative_prompt_embeds is not None:
+            raise PipelineError("negative_prompt_embeds needs prompt_embeds; with prompts, pass negative_prompts")
+        return None, None
+    given = [e for e in (prompt_embeds, negative_prompt_embeds) if e is not None]
+    for name, e in zip(("prompt_embeds", "negative_prompt_embeds"), given, strict=False):
+        shape = np.shape(e)
+        if len(shape) != 3 or shape[0] < 1 or shape[1:] != tuple(expected) or not np.isfinite(np.asarray(e)).all():
+            raise PipelineError(
+                f"{name} must be finite (B, {', '.join(map(str, expected))}) text embeddings, got {shape}"
+            )
+    if len(given) == 2 and np.shape(given[1]) != np.shape(given[0]):
+        raise PipelineError(
+            f"negative_prompt_embeds {np.shape(given[1])} must have prompt_embeds' shape {np.shape(given[0])}"
+        )
+    return tuple(None if e is None else jnp.asarray(e, dtype) for e in (prompt_embeds, negative_prompt_embeds))

@@ -25,6 +25,7 @@ from sdjax.arguments import (
     check_generate_args,
     check_text,
     negative_prompt_list,
+    prompt_embeds_pair,
     prompt_list,
     repeat,
 )
@@ -182,19 +183,28 @@ class StableDiffusion(DiffusionPipeline):
         return conditioning.sd_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids), layer)
 
     def _conditions(
-        self, prompts: list[str], negative_prompts: list[str], guided: bool, clip_skip: int | None = None
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        guided: bool,
+        clip_skip: int | None = None,
+        embeds: tuple[jax.Array | None, jax.Array | None] = (None, None),
     ) -> dict[str, Any]:
-        """The UNet's conditioning inputs of the prompts (and, guided, of the negative prompts)."""
-        conditions = {"cond": {"encoder_hidden_states": self.encode_prompt(prompts, clip_skip)}}
+        """The UNet's conditioning inputs of the prompts (and, guided, of the negative prompts); ``embeds`` (cond,
+        uncond) (B, T, D), where not None, stand in for the encoded prompts / negative prompts."""
+        cond, uncond = embeds
+        cond = self.encode_prompt(prompts, clip_skip) if cond is None else cond
+        conditions = {"cond": {"encoder_hidden_states": cond}}
         if guided:
-            conditions["uncond"] = {"encoder_hidden_states": self.encode_prompt(negative_prompts, clip_skip)}
+            uncond = self.encode_prompt(negative_prompts, clip_skip) if uncond is None else uncond
+            conditions["uncond"] = {"encoder_hidden_states": uncond}
         return conditions
 
     # ------------------------------------------------------------------------------------------- generation
 
     def generate(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str] | None = None,
         negative_prompts: str | list[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -221,15 +231,22 @@ class StableDiffusion(DiffusionPipeline):
         output: str = "image",
         scheduler_config: dict[str, Any] | None = None,
         progress: bool = False,
+        prompt_embeds: np.ndarray | jax.Array | None = None,
+        negative_prompt_embeds: np.ndarray | jax.Array | None = None,
     ) -> np.ndarray:
         """Text-to-image, image-to-image (``init_image``), inpainting (``init_image`` and ``mask_image``) and
         ControlNet guidance (``controlnet`` and ``control_image``); the tasks combine. ``prompts``: one prompt or a
         list, each giving ``num_images_per_prompt`` images; ``negative_prompts``: one per prompt (or one for all),
-        "" when None; ``clip_skip``: use the text encoder's k-th layer from the end (k >= 1), as diffusers; the
-        other arguments as :class:`sdjax.generation.Request`. Returns np.float32 (N, H, W, 3) in [0, 1],
-        N = len(prompts) * num_images_per_prompt (``output="latent"``: the latents (N, H/8, W/8, C)).
+        "" when None; ``clip_skip``: use the text encoder's k-th layer from the end (k >= 1), as diffusers;
+        ``prompt_embeds``: instead of ``prompts``, their text embeddings (B, 77, D) float (as :meth:`encode_prompt`
+        returns, or interpolated between two: :func:`sdjax.interpolation.slerp`), and ``negative_prompt_embeds``
+        the same shape (when None, ``negative_prompts`` are encoded, as diffusers); the other arguments as
+        :class:`sdjax.generation.Request`. Returns np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) (or
+        len(prompt_embeds)) * num_images_per_prompt (``output="latent"``: the latents (N, H/8, W/8, C)).
         """
-        prompts = prompt_list("prompts", prompts)
+        expected = (tokenizer.MAX_LENGTH, self.text_encoder.config.hidden_size)
+        embeds = prompt_embeds_pair(prompts, prompt_embeds, negative_prompt_embeds, expected, self.text_encoder.dtype)
+        prompts = prompt_list("prompts", prompts) if embeds[0] is None else [""] * len(embeds[0])
         strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         self._check_negative_prompts(negative_prompts)
@@ -237,7 +254,8 @@ class StableDiffusion(DiffusionPipeline):
 
         def conditions(guided: bool, height: int, width: int, img2img: bool) -> dict[str, Any]:
             texts = (repeat(p, num_images_per_prompt) for p in (prompts, negative_prompts))
-            return self._conditions(*texts, guided, clip_skip)
+            repeated = tuple(None if e is None else jnp.repeat(e, num_images_per_prompt, axis=0) for e in embeds)
+            return self._conditions(*texts, guided, clip_skip, repeated)
 
         request = generation.Request(
             num_inference_steps, guidance_scale, sampler, seed, height, width, latents, eta, init_image, strength,

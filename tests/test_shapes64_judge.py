@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sdjax.shapes64 import judge as J
+from sdjax.shapes64 import prompts as P
 from sdjax.shapes64 import scene as S
 
 COMBOS = [(c, s, b) for c, s, b in itertools.product(S.COLORS, S.SHAPES, S.COLORS) if c != b]
@@ -115,3 +116,94 @@ def test_accuracy_counts_matches_per_attribute():
 def test_the_judge_and_the_scenes_import_no_tensorflow():
     code = "import sys, sdjax.shapes64, sdjax.shapes64.judge; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _caption_fields(prompts):
+    return [J.parse_caption(p) for p in prompts]
+
+
+@pytest.mark.parametrize("prompt_set", [P.tuning_prompts, P.heldout_prompts])
+def test_each_prompt_set_has_every_colour_as_foreground_and_background_with_every_shape(prompt_set):
+    fields = _caption_fields(prompt_set())
+    assert len(fields) >= 30 and len({tuple(f.values()) for f in fields}) == len(fields)
+    for role in ("color", "background"):
+        for color in S.COLORS:
+            assert {f["shape"] for f in fields if f[role] == color} == set(S.SHAPES), (role, color)
+
+
+def test_heldout_prompts_are_disjoint_from_the_tuning_prompts():
+    assert not set(P.heldout_prompts()) & set(P.tuning_prompts())
+    assert J.eval_prompts() == P.tuning_prompts()
+
+
+# ----------------------------------------------------------------------------------------- the strict analyser
+
+
+def _tilted_ellipse(color, background, semi_axes, degrees):
+    """An ellipse centred in the image, its axes turned by `degrees` (what a model draws for a circle)."""
+    y, x = np.mgrid[0:64, 0:64] + 0.5 - 32
+    t = np.deg2rad(degrees)
+    u, v = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
+    inside = ((u / semi_axes[0]) ** 2 + (v / semi_axes[1]) ** 2 <= 1)[..., None]
+    return np.where(inside, S.PALETTE[color], S.PALETTE[background]).astype(np.uint8)
+
+
+def test_ground_truth_renders_are_all_crisp_with_their_fitted_centre_and_size():
+    scenes = list(_random_scenes(90, seed=3))
+    images = np.stack([S.render(**s) for s in scenes])
+    report = J.crisp_report(images, [S.caption(s["color"], s["shape"], s["background"]) for s in scenes])
+    assert report["crisp"] == report["color"] == report["background"] == 1.0 and report["iou"]["p10"] >= 0.97
+    assert all(row["images"] == 30 and row["crisp"] == 1.0 for row in report["shapes"].values())
+    for scene, image in zip(scenes[:20], images[:20], strict=True):
+        result = J.analyse(image, scene["shape"])
+        assert result["iou"] >= 0.95 and result["flatness"] == 1.0, (scene, result)
+        assert np.allclose(result["fit"], (scene["cx"], scene["cy"], scene["size"]), atol=1.0), (scene, result)
+
+
+def test_an_oblong_circle_passes_the_lenient_judge_but_is_not_crisp():
+    for semi_axes, degrees in (((18, 14), 30), ((19, 14), 0), ((18, 13), 45)):
+        image = _tilted_ellipse("red", "white", semi_axes, degrees)
+        assert J.judge(image)["shape"] == "circle" and J.analyse(image, "circle")["iou"] < J.CRISP_IOU
+
+
+def test_a_rectangle_is_not_a_crisp_square():
+    image = np.full((64, 64, 3), S.PALETTE["black"], np.uint8)
+    image[14:50, 20:44] = S.PALETTE["yellow"]  # 24 wide, 36 high
+    assert J.judge(image)["shape"] == "square" and not J.analyse(image, "square")["crisp"]
+
+
+def test_a_shape_of_another_kind_is_not_crisp():
+    image = S.render("blue", "triangle", "white", 32, 32, 40)
+    assert J.analyse(image, "triangle")["crisp"]
+    assert not J.analyse(image, "circle")["crisp"] and not J.analyse(image, "square")["crisp"]
+
+
+def test_a_shading_inside_the_shape_is_not_flat():
+    image = S.render("red", "square", "white", 32, 32, 40).astype(np.float32)
+    inside = S.coverage("square", 32, 32, 40)[..., None]
+    shade = np.linspace(-70, 70, 64)[None, :, None]  # a left-to-right gradient on the shape only
+    shaded = np.clip(image + inside * shade, 0, 255).astype(np.uint8)
+    result = J.analyse(shaded, "square")
+    assert result["iou"] >= 0.9 and result["flatness"] < J.CRISP_FLATNESS and not result["crisp"]
+    assert result["spread"] > 20 > J.analyse(image.astype(np.uint8), "square")["spread"]
+
+
+def test_an_empty_image_has_iou_zero_and_is_not_crisp():
+    result = J.analyse(np.full((64, 64, 3), S.PALETTE["green"], np.uint8), "circle")
+    assert result["iou"] == 0.0 and not result["crisp"] and result["fit"] is None
+
+
+def test_the_strict_analyser_rejects_unknown_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        J.analyse(S.render("red", "circle", "white", 32, 32, 30), "diamond")
+
+
+def test_format_report_has_a_row_per_shape_and_one_for_all():
+    scenes = list(_random_scenes(90, seed=5))[::10]  # every shape
+    images = np.stack([S.render(**s) for s in scenes])
+    table = J.format_report(
+        J.crisp_report(images, [S.caption(s["color"], s["shape"], s["background"]) for s in scenes])
+    )
+    rows = table.splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == [*S.SHAPES, "all"]
+    assert all("100.0%" in r for r in rows)

@@ -2,6 +2,7 @@
 
 - `scene.py`: drawing, sampling and captions (numpy only; re-exported here);
 - `dataset.py`: the TFDS builder "shapes64" (imports TensorFlow Datasets; import it explicitly);
+- `prompts.py`: the tuning and the held-out evaluation prompts (fixed before v2 was trained);
 - `judge.py`: reads colour, shape and background off an image to score a model (numpy only);
   `python -m sdjax.shapes64.judge MODEL`;
 - `model/`: the shipped model, a diffusers folder trained by this repository (``MODEL_DIR``).
