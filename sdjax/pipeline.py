@@ -31,7 +31,7 @@ from sdjax.arguments import (
 )
 from sdjax.errors import PipelineError
 from sdjax.images import read_image
-from sdjax.loading import folders, lora, textual_inversion
+from sdjax.loading import folders, generation_config, lora, textual_inversion
 
 __all__ = [
     "MAX_IMAGE_SIDE",
@@ -54,7 +54,8 @@ class DiffusionPipeline(AddOns):
     inputs) and its ``generate`` signature."""
 
     family: ClassVar[str]  # "sd" or "sdxl": what loading (sdjax.loading.family_of) and sample.py dispatch on
-    default_guidance_scale: ClassVar[float]
+    family_guidance_scale: ClassVar[float]  # the default where the folder recommends none
+    generation_defaults: dict[str, Any]  # the folder's generation_config.json (sdjax.loading.generation_config)
     unet: Any
     vae: Any
     schedule: schedule.ScheduleConfig
@@ -62,6 +63,21 @@ class DiffusionPipeline(AddOns):
     _replicated: dict[str, Any]
     _compiled: dict[Any, Any]
     last_timings: dict[str, float]
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance scale ``generate`` uses when given none: the folder's generation_config.json, else the
+        family's (SD 7.5, SDXL 5.0)."""
+        return self.generation_defaults.get("guidance_scale", self.family_guidance_scale)
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler ``generate`` uses when given none: the folder's generation_config.json, else the family's."""
+        return self.generation_defaults.get("sampler") or self.family_sampler()
+
+    def family_sampler(self) -> str:
+        """The family's default sampler (SD: "ddim")."""
+        return "ddim"
 
     @property
     def embeds_guidance(self) -> int | None:
@@ -96,6 +112,7 @@ class DiffusionPipeline(AddOns):
             tokenizers=tokenizers,
             options=options,
         )
+        generation_config.write(path, self.generation_defaults)
 
 
 @dataclass
@@ -120,9 +137,9 @@ class StableDiffusion(DiffusionPipeline):
     _compiled: dict[Any, Any] = field(default_factory=dict, repr=False)
     last_timings: dict[str, float] = field(default_factory=dict, repr=False)
     _lora: lora.LoraState | None = field(default=None, repr=False)  # add-ons: the loaded LoRAs
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     family: ClassVar[str] = "sd"
-    default_guidance_scale: ClassVar[float] = 7.5
-    default_sampler: ClassVar[str] = "ddim"
+    family_guidance_scale: ClassVar[float] = 7.5
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -148,7 +165,7 @@ class StableDiffusion(DiffusionPipeline):
             path, dtype, variant, tokenizer_path=tokenizer_path, prediction_type=prediction_type, family="sd"
         )
         return cls(**c.modules, params=c.params, tokenizer=c.tokenizer, schedule=c.schedule,
-                   scheduler_class=c.scheduler_class)  # fmt: skip
+                   scheduler_class=c.scheduler_class, generation_defaults=c.generation)  # fmt: skip
 
     def save_pretrained(self, path: str | os.PathLike, dtype: str = "float32") -> None:
         """Writes a diffusers-format folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads.
@@ -207,8 +224,8 @@ class StableDiffusion(DiffusionPipeline):
         prompts: str | list[str] | None = None,
         negative_prompts: str | list[str] | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        sampler: str = "ddim",
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         seed: int = 0,
         height: int | None = None,
         width: int | None = None,
@@ -241,13 +258,17 @@ class StableDiffusion(DiffusionPipeline):
         ``prompt_embeds``: instead of ``prompts``, their text embeddings (B, 77, D) float (as :meth:`encode_prompt`
         returns, or interpolated between two: :func:`sdjax.interpolation.slerp`), and ``negative_prompt_embeds``
         the same shape (when None, ``negative_prompts`` are encoded, as diffusers); the other arguments as
-        :class:`sdjax.generation.Request`. Returns np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) (or
+        :class:`sdjax.generation.Request`; ``guidance_scale`` and ``sampler`` default to
+        :attr:`default_guidance_scale` and :attr:`default_sampler` (7.5 and "ddim" unless the folder's
+        generation_config.json recommends others). Returns np.float32 (N, H, W, 3) in [0, 1], N = len(prompts) (or
         len(prompt_embeds)) * num_images_per_prompt (``output="latent"``: the latents (N, H/8, W/8, C)).
         """
         expected = (tokenizer.MAX_LENGTH, self.text_encoder.config.hidden_size)
         embeds = prompt_embeds_pair(prompts, prompt_embeds, negative_prompt_embeds, expected, self.text_encoder.dtype)
         prompts = prompt_list("prompts", prompts) if embeds[0] is None else [""] * len(embeds[0])
         strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        sampler = self.default_sampler if sampler is None else sampler
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         self._check_negative_prompts(negative_prompts)
         negative_prompts = negative_prompt_list(negative_prompts, len(prompts))

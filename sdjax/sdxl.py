@@ -68,8 +68,9 @@ class StableDiffusionXL(DiffusionPipeline):
     _compiled: dict[Any, Any] = field(default_factory=dict, repr=False)
     last_timings: dict[str, float] = field(default_factory=dict, repr=False)
     _lora: Any = field(default=None, repr=False)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     family: ClassVar[str] = "sdxl"
-    default_guidance_scale: ClassVar[float] = 5.0
+    family_guidance_scale: ClassVar[float] = 5.0
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -94,6 +95,7 @@ class StableDiffusionXL(DiffusionPipeline):
             tokenizers=c.tokenizers,
             schedule=c.schedule,
             scheduler_class=c.scheduler_class,
+            generation_defaults=c.generation,
             **c.options,
         )
 
@@ -126,8 +128,7 @@ class StableDiffusionXL(DiffusionPipeline):
     def _set_tokenizer(self, name: str, tok: Any) -> None:
         self.tokenizers = {**self.tokenizers, name: tok}
 
-    @property
-    def default_sampler(self) -> str:
+    def family_sampler(self) -> str:
         """The sampler of the folder's scheduler class (SDXL ships EulerDiscreteScheduler: "euler")."""
         return samplers.sampler_for_class(self.scheduler_class, "euler", self.schedule)
 
@@ -182,7 +183,7 @@ class StableDiffusionXL(DiffusionPipeline):
         prompts: str | list[str],
         negative_prompts: str | list[str] | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         sampler: str | None = None,
         seed: int = 0,
         height: int | None = None,
@@ -222,8 +223,9 @@ class StableDiffusionXL(DiffusionPipeline):
         """Text-to-image, image-to-image (``init_image``: an image, or latents), inpainting (``mask_image``),
         ControlNet guidance (``controlnet``, ``control_image``) and the base -> refiner hand-off.
 
-        Arguments as :meth:`sdjax.StableDiffusion.generate`, with SDXL's defaults (guidance 5.0; the sampler of
-        the folder's scheduler class, "euler" for the published models; strength 0.3 for img2img, 0.9999 for
+        Arguments as :meth:`sdjax.StableDiffusion.generate`, with SDXL's defaults (unless the folder's
+        generation_config.json says otherwise: guidance 5.0 and the sampler of the folder's scheduler class, "euler"
+        for the published models; strength 0.3 for img2img, 0.9999 for
         inpainting, as diffusers' SDXL pipelines), plus:
           prompts_2, negative_prompts_2: prompts for the second text encoder (default: the first ones).
           original_size, crops_coords_top_left, target_size (and negative_*): micro-conditioning, (h, w) /
@@ -235,6 +237,7 @@ class StableDiffusionXL(DiffusionPipeline):
           scheduler_config: e.g. SDXL-Lightning's ``{"timestep_spacing": "trailing"}`` with ``sampler="euler"``.
         """
         strength = (0.9999 if mask_image is not None else 0.3) if strength is None else strength
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         texts = _prompt_lists(self, prompts, prompts_2, negative_prompts, negative_prompts_2, init_image)
         micro = {name: value for name, value in locals().items() if name in MICRO_CONDITIONING}

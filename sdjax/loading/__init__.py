@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from sdjax import _submodule, schedule, tokenizer, weights
 from sdjax.errors import PipelineError
-from sdjax.loading import folders
+from sdjax.loading import folders, generation_config
 
 
 @dataclasses.dataclass
@@ -33,6 +33,7 @@ class Components:
     scheduler_class: str
     family: str = "sd"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    generation: dict[str, Any] = dataclasses.field(default_factory=dict)  # generation_config.json's settings
 
     @property
     def tokenizer(self) -> Any:
@@ -176,7 +177,8 @@ def _from_folder(
         if (index.get(name) or [None, None])[1] is not None or layout.family == "sd"
     }
     options = {key: index.get(key, default) for key, default in layout.options.items()}
-    return Components(modules, params, tokenizers, schedule_cfg, scheduler_class, layout.family, options)
+    generation = generation_config.read(path)
+    return Components(modules, params, tokenizers, schedule_cfg, scheduler_class, layout.family, options, generation)
 
 
 def network_dtypes(path: Path, layout: folders.Layout, dtype: Any) -> dict[str, Any]:

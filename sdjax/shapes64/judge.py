@@ -326,8 +326,8 @@ def eval_prompts() -> list[str]:
 def evaluate(
     pipe: Any, prompts: list[str] | None = None, num_images_per_prompt: int = 4, **generate_kwargs: Any
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Generates ``num_images_per_prompt`` images per prompt with ``pipe.generate`` (its defaults: 50 DDIM steps,
-    guidance 7.5, seed 0, unless ``generate_kwargs`` say otherwise) and judges them.
+    """Generates ``num_images_per_prompt`` images per prompt with ``pipe.generate`` (its defaults: 50 steps of
+    the model's sampler at the model's guidance, seed 0, unless ``generate_kwargs`` say otherwise) and judges them.
 
     Returns (scores, images (N, H, W, 3) float32 in [0, 1] with N = len(prompts) * num_images_per_prompt,
     prompt-major); scores: the lenient :func:`accuracy` keys and "strict": :func:`crisp_report`."""
@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", default="heldout", choices=tuple(_PROMPT_SETS), help="which prompt set")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    parser.add_argument("--sampler", default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", default=None, help="also save the images as one PNG grid (a row per prompt)")
     parser.add_argument("--no-compile-cache", action="store_true", help="skip JAX's persistent compilation cache")
@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     pipe = StableDiffusion.from_pretrained(args.model)
+    args.guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
+    args.sampler = args.sampler or pipe.default_sampler
     chosen = _PROMPT_SETS[args.prompts]()
     scores, images = evaluate(
         pipe, chosen, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,

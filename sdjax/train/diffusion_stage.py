@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from sdjax import checkpoint, images, latents, schedule, tokenizer, weights
-from sdjax.loading import folders
+from sdjax.loading import folders, generation_config
 from sdjax.train import families, losses
 from sdjax.train.checks import TrainConfigError
 from sdjax.train.stage import Batches, Params, Preview, close_batches
@@ -56,6 +56,7 @@ class DiffusionStage:
                 folder, components, tokenizers=tokenizers, scheduler_config=_scheduler_config(config), layout=layout,
                 options=_model_options(config, layout),
             )  # fmt: skip
+        generation_config.write(folder, _generation_settings(config))
 
     def training_inputs(self, config: ml_collections.ConfigDict, model: Any) -> Callable[..., dict[str, jax.Array]]:
         """``inputs(params, frozen, batch, rng, step)`` -> the arrays of one denoising step, per device: the
@@ -222,6 +223,14 @@ def _scaled_vae(config: ml_collections.ConfigDict, batches_fn: Callable[[], Batc
     if factor is not None:
         module = module.clone(config=dataclasses.replace(module.config, scaling_factor=float(factor)))
     return module, params
+
+
+def _generation_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The model's recommended sampler and guidance (generation_config.json): config.generation, else those of
+    config.pretrained_path's folder."""
+    if config.get("generation"):
+        return generation_config.check(config.generation.to_dict(), "config.generation")
+    return generation_config.read(config.pretrained_path) if config.pretrained_path else {}
 
 
 def _scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
