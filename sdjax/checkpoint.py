@@ -173,7 +173,7 @@ def load_trained_params(workdir: str | Path, step: int | None = None, ema: bool 
     workdir = Path(workdir)
     if not is_workdir(workdir):
         raise CheckpointError(f"{workdir} is not an sdjax workdir (expected model/model_index.json and checkpoints/)")
-    manager = _local_reader(workdir / CHECKPOINTS_DIR)
+    manager = _local_reader((workdir / CHECKPOINTS_DIR).absolute())  # Orbax reads absolute paths only
     try:
         steps = sorted(manager.all_steps())
         if not steps:

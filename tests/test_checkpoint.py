@@ -72,6 +72,14 @@ def test_load_trained_params_prefers_ema_of_latest_step(tmp_path):
     np.testing.assert_array_equal(loaded["unet"]["conv"]["bias"], np.full(3, 2.0, np.float32))
 
 
+def test_load_trained_params_of_a_relative_workdir(tmp_path, monkeypatch):
+    """`python -m sdjax.export workdirs/run ...`: Orbax reads absolute paths only."""
+    save_run(tmp_path / "run", [2])
+    monkeypatch.chdir(tmp_path)
+    loaded = checkpoint.load_trained_params("run")
+    np.testing.assert_array_equal(loaded["unet"]["conv"]["bias"], np.full(3, 1.0, np.float32))  # EMA: step / 2
+
+
 def test_load_trained_params_of_a_given_step_without_ema(tmp_path):
     save_run(tmp_path, [2, 4])
     loaded = checkpoint.load_trained_params(tmp_path, step=2, ema=False)
