@@ -13,11 +13,11 @@
 --model takes a diffusers folder (SD 1.x / 2.x or SDXL), an sdjax training workdir or a single-file .safetensors
 checkpoint (it gets the built-in CLIP tokenizer, or --tokenizer DIR; --prediction-type v_prediction for SD 2.x
 768-v); without it, the shipped shapes64 model (sdjax/shapes64/model). --sampler and --guidance default to the
-model's (SD: ddim, 7.5; SDXL: its scheduler's sampler, euler, and 5.0). With --refiner, the --model SDXL base
-runs the first --high-noise-frac of the schedule and the refiner the rest, on the base's latents (diffusers'
-"ensemble of expert denoisers"). --mask (white = repaint) inpaints --init-image, with an inpainting model or an
-ordinary one. --controlnet, --control-image and --control-scale are repeatable (one image per ControlNet; one scale
-for all or one each); they combine with --init-image and --mask.
+model's: its folder's generation_config.json, else SD's ddim and 7.5, SDXL's scheduler's sampler (euler) and 5.0.
+With --refiner, the --model SDXL base runs the first --high-noise-frac of the schedule and the refiner the rest, on
+the base's latents (diffusers' "ensemble of expert denoisers"). --mask (white = repaint) inpaints --init-image,
+with an inpainting model or an ordinary one. --controlnet, --control-image and --control-scale are repeatable (one
+image per ControlNet; one scale for all or one each); they combine with --init-image and --mask.
 Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance in its text metadata) and
 grid.png, and prints the compile time and the time per image.
 """
