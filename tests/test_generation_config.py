@@ -3,6 +3,7 @@ defaults, kept by save_pretrained and by training, and refused in one line when 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -33,13 +34,20 @@ def test_a_folder_without_the_file_keeps_the_family_defaults(tiny_pipe):
     assert (tiny_pipe.default_sampler, tiny_pipe.default_guidance_scale) == ("ddim", 7.5)
 
 
-def test_generate_uses_the_folders_recommended_sampler_and_guidance(recommended, tiny_pipe):
+def test_a_folder_with_the_file_recommends_its_sampler_and_guidance(recommended):
     pipe = sdjax.StableDiffusion.from_pretrained(recommended)
+    assert pipe.generation_defaults == SETTINGS
     assert (pipe.default_sampler, pipe.default_guidance_scale) == ("euler_ancestral", 3.0)
+
+
+def test_generate_uses_the_recommended_sampler_and_guidance(tiny_pipe):
+    # The tiny pipeline with recommendations (sharing its compiled programs): generate() without sampler and
+    # guidance runs theirs, not ddim and 7.5.
+    pipe = dataclasses.replace(tiny_pipe, generation_defaults=SETTINGS)
     by_default = pipe.generate(PROMPTS, **KWARGS)
     explicit = tiny_pipe.generate(PROMPTS, sampler="euler_ancestral", guidance_scale=3.0, **KWARGS)
     np.testing.assert_array_equal(by_default, explicit)
-    assert np.abs(by_default - pipe.generate(PROMPTS, sampler="ddim", guidance_scale=7.5, **KWARGS)).max() > 1e-3
+    assert np.abs(by_default - tiny_pipe.generate(PROMPTS, **KWARGS)).max() > 1e-3
 
 
 def test_save_pretrained_keeps_the_file_and_diffusers_still_loads_the_folder(recommended, tmp_path):

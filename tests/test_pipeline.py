@@ -61,7 +61,14 @@ def diffusers_images(torch_pipe, sampler: str, latents: np.ndarray) -> np.ndarra
         ).images
 
 
-@pytest.mark.parametrize("sampler", list(DIFFUSERS_SCHEDULERS))
+# pndm, euler and heun also run against diffusers on the published SD 1.5 / 2.1 layouts in the default suite
+# (tests/test_published_layouts.py); here they are in the slow set.
+SLOW_SAMPLERS = {"pndm", "euler", "heun"}
+
+
+@pytest.mark.parametrize(
+    "sampler", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW_SAMPLERS else []) for s in DIFFUSERS_SCHEDULERS]
+)
 def test_images_match_diffusers(reference, sampler):
     torch_pipe, _, pipe = reference
     latents = initial_noise()
