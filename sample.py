@@ -288,8 +288,7 @@ def load_models(args: argparse.Namespace, model: Path) -> tuple[Any, Any]:
 
 def _settings(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     """The sampler and guidance scale: the flags, else the model family's defaults."""
-    sampler = args.sampler or pipe.default_sampler
-    guidance = args.guidance if args.guidance is not None else pipe.default_guidance_scale
+    sampler, guidance = pipe.sampling_settings(args.sampler or None, args.guidance)
     check_modes(args, sampler, guidance)
     return {"sampler": sampler, "guidance_scale": guidance}
 

@@ -79,6 +79,13 @@ class DiffusionPipeline(AddOns):
         """The family's default sampler (SD: "ddim")."""
         return "ddim"
 
+    def sampling_settings(self, sampler: str | None = None, guidance_scale: float | None = None) -> tuple[str, float]:
+        """(sampler, guidance_scale): those given, else :attr:`default_sampler` / :attr:`default_guidance_scale`."""
+        return (
+            self.default_sampler if sampler is None else sampler,
+            self.default_guidance_scale if guidance_scale is None else guidance_scale,
+        )
+
     @property
     def embeds_guidance(self) -> int | None:
         """The UNet's ``time_cond_proj_dim`` (an LCM-distilled UNet: the guidance scale is embedded and added to
@@ -267,8 +274,7 @@ class StableDiffusion(DiffusionPipeline):
         embeds = prompt_embeds_pair(prompts, prompt_embeds, negative_prompt_embeds, expected, self.text_encoder.dtype)
         prompts = prompt_list("prompts", prompts) if embeds[0] is None else [""] * len(embeds[0])
         strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
-        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        sampler = self.default_sampler if sampler is None else sampler
+        sampler, guidance_scale = self.sampling_settings(sampler, guidance_scale)
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         self._check_negative_prompts(negative_prompts)
         negative_prompts = negative_prompt_list(negative_prompts, len(prompts))

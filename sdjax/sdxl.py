@@ -237,7 +237,7 @@ class StableDiffusionXL(DiffusionPipeline):
           scheduler_config: e.g. SDXL-Lightning's ``{"timestep_spacing": "trailing"}`` with ``sampler="euler"``.
         """
         strength = (0.9999 if mask_image is not None else 0.3) if strength is None else strength
-        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        sampler, guidance_scale = self.sampling_settings(sampler, guidance_scale)
         check_generate_args(guidance_scale, eta, strength, seed, num_images_per_prompt)
         texts = _prompt_lists(self, prompts, prompts_2, negative_prompts, negative_prompts_2, init_image)
         micro = {name: value for name, value in locals().items() if name in MICRO_CONDITIONING}
@@ -249,10 +249,10 @@ class StableDiffusionXL(DiffusionPipeline):
             return self.conditions(*repeated, guided, ids, clip_skip)
 
         request = generation.Request(
-            num_inference_steps, guidance_scale, self.default_sampler if sampler is None else sampler, seed, height,
-            width, latents, eta, init_image, strength, mask_image, controlnet, control_image,
-            controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode,
-            use_karras_sigmas, guidance_rescale, denoising_start, denoising_end, output, scheduler_config, progress,
+            num_inference_steps, guidance_scale, sampler, seed, height, width, latents, eta, init_image, strength,
+            mask_image, controlnet, control_image, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, guess_mode, use_karras_sigmas, guidance_rescale, denoising_start, denoising_end,
+            output, scheduler_config, progress,
         )  # fmt: skip
         return generation.generate(self, conditions, len(texts[0]) * num_images_per_prompt, request)
 

@@ -58,7 +58,7 @@ def test_save_pretrained_keeps_the_file_and_diffusers_still_loads_the_folder(rec
     StableDiffusionPipeline.from_pretrained(tmp_path / "copy")  # the extra file is not a component
 
 
-def test_training_writes_the_configs_generation_settings(tmp_path):
+def test_a_training_configs_generation_settings_are_checked(tmp_path):
     config = ml_collections.ConfigDict({"generation": dict(SETTINGS), "pretrained_path": None})
     assert diffusion_stage._generation_settings(config) == SETTINGS
     config.generation = {"sampler": "no_such_sampler"}

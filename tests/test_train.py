@@ -427,11 +427,13 @@ def test_preview_compiles_the_sampler_once_per_run(diffusion_run):
 
 
 def test_diffusion_workdir_describes_a_pipeline(diffusion_run):
-    workdir, _ = diffusion_run
+    workdir, config = diffusion_run
     model = workdir / "model"
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     assert sorted(p.name for p in (model / "unet").iterdir()) == ["config.json"]
     assert (model / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    # configs/shapes64.py's recommended sampler and guidance, which generate() and sample.py then default to.
+    assert json.loads((model / "generation_config.json").read_text()) == config.generation.to_dict()
 
 
 def test_new_vae_scaling_factor_is_one_over_the_latent_std(diffusion_run):

@@ -368,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     pipe = StableDiffusion.from_pretrained(args.model)
-    args.guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
-    args.sampler = args.sampler or pipe.default_sampler
+    args.sampler, args.guidance = pipe.sampling_settings(args.sampler or None, args.guidance)
     chosen = _PROMPT_SETS[args.prompts]()
     scores, images = evaluate(
         pipe, chosen, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
